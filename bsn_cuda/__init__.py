@@ -1,0 +1,41 @@
+"""bsn_cuda: fused spectral normalization (SN) and bidirectional (scaled) SN for PyTorch.
+
+Drop-in module API (see :mod:`bsn_cuda.nn`)::
+
+    import bsn_cuda
+    layer = bsn_cuda.spectral_norm(torch.nn.Conv2d(64, 128, 3))          # like torch's
+    layer = bsn_cuda.bidirectional_spectral_norm(torch.nn.Conv2d(64, 128, 3))
+    bsn_cuda.convert_spectral_norm(model)      # torch SN (both flavours) -> fused
+    bsn_cuda.apply_spectral_norm(model, kind="bsn")
+
+Functional API with caller-held vectors: :mod:`bsn_cuda.functional`. Pure
+PyTorch reference of the ops: :mod:`bsn_cuda.reference`. ``HAS_EXTENSION`` is
+False when the compiled ops could not be loaded (everything then runs the
+reference, with a RuntimeWarning at import).
+"""
+
+from . import _ops, functional, reference
+from ._ops import HAS_EXTENSION
+from .nn import (
+    apply_spectral_norm,
+    bidirectional_spectral_norm,
+    convert_spectral_norm,
+    get_sigma,
+    remove_spectral_norm,
+    spectral_norm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "spectral_norm",
+    "bidirectional_spectral_norm",
+    "remove_spectral_norm",
+    "convert_spectral_norm",
+    "apply_spectral_norm",
+    "get_sigma",
+    "functional",
+    "reference",
+    "HAS_EXTENSION",
+    "__version__",
+]

@@ -1,0 +1,329 @@
+"""The one place that knows about the compiled ops.
+
+* loads ``bsn_cuda._C`` (which registers ``torch.ops.bsn_cuda.*``); without it
+  everything runs :mod:`bsn_cuda.reference` and a RuntimeWarning says so once;
+* registers the fake (meta) kernels, so the ops work under torch.compile,
+  export and FakeTensor tracing;
+* registers autograd: a Python kernel at the ``Autograd`` key for the two
+  forwards (``torch.library.register_autograd`` refuses ops that mutate inputs,
+  and these update ``u``/``v`` in place) and ``register_autograd`` formulas for
+  the two (functional) backward ops, so double backward works;
+* provides :func:`sn_forward` / :func:`bsn_forward`, the entry points the rest
+  of the package calls: the op where a kernel is registered for the weight's
+  device, else the reference (differentiable by itself).
+"""
+
+import warnings
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.bsn_cuda.*)
+
+    HAS_EXTENSION = True
+    EXTENSION_ERROR = None
+except (ImportError, OSError) as exc:  # not built, or built against another torch
+    HAS_EXTENSION = False
+    EXTENSION_ERROR = exc
+    warnings.warn(
+        f"bsn_cuda: the compiled ops (bsn_cuda._C) could not be loaded ({exc}); "
+        "falling back to the pure-PyTorch reference, which is correct but slower. "
+        "Build them with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+__all__ = ["HAS_EXTENSION", "EXTENSION_ERROR", "OP_DEVICES", "sn_forward", "bsn_forward"]
+
+_NAMESPACE = "bsn_cuda"
+_OP_NAMES = ("sn_forward", "sn_backward", "bsn_forward", "bsn_backward")
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _devices_with_kernels():
+    """Device types for which every op has a backend kernel (checked once, at import).
+
+    A frozenset of plain strings, so that the test in the entry points is a
+    constant for torch.compile rather than a call into the dispatcher.
+    """
+    if not HAS_EXTENSION:
+        return frozenset()
+    devices = set()
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NAMESPACE}::{name}", key) for name in _OP_NAMES):
+            devices.add(device)
+    if devices:
+        devices.add("meta")  # served by the fake kernels registered below
+    return frozenset(devices)
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: output metadata only, plus the checks that metadata allows so
+# that mistakes surface while tracing rather than deep inside a compiled graph.
+
+
+def _fake_check(cond, op, msg):
+    torch._check(cond, lambda: f"bsn_cuda::{op}: {msg}")
+
+
+def _fake_check_weight(op, weight, min_dim):
+    _fake_check(
+        weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+        op,
+        f"expected weight of dtype float32, float64, float16 or bfloat16, got {weight.dtype}",
+    )
+    _fake_check(weight.dim() >= min_dim, op, f"expected weight with at least {min_dim} dimensions, got {weight.dim()}")
+
+
+def _fake_check_vectors(op, weight, named_vectors):
+    for name, vec in named_vectors:
+        _fake_check(vec.dim() == 1, op, f"expected {name} to be 1-D, got {vec.dim()}-D")
+        _fake_check(
+            vec.dtype == weight.dtype, op, f"expected {name} to have the weight's dtype {weight.dtype}, got {vec.dtype}"
+        )
+
+
+def _rows_cols(weight, dim):
+    rows = weight.shape[dim]
+    return rows, weight.numel() // rows
+
+
+def _fake_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
+    _fake_check_weight("sn_forward", weight, 2)
+    ndim = weight.dim()
+    _fake_check(-ndim <= dim < ndim, "sn_forward", f"expected dim in [{-ndim}, {ndim - 1}], got {dim}")
+    _fake_check_vectors("sn_forward", weight, (("u", u), ("v", v)))
+    rows, cols = _rows_cols(weight, dim % ndim)
+    out = weight.new_empty(weight.shape)
+    state = weight.new_empty(1 + rows + cols, dtype=_acc_dtype(weight.dtype))
+    return out, state
+
+
+def _fake_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
+    _fake_check_weight("bsn_forward", weight, 3)
+    _fake_check_vectors("bsn_forward", weight, (("u0", u0), ("v0", v0), ("u1", u1), ("v1", v1)))
+    rows0, cols0 = _rows_cols(weight, 0)
+    rows1, cols1 = _rows_cols(weight, 1)
+    out = weight.new_empty(weight.shape)
+    state = weight.new_empty(3 + rows0 + cols0 + rows1 + cols1, dtype=_acc_dtype(weight.dtype))
+    return out, state
+
+
+def _fake_backward(op, grad_out, weight, state, min_dim):
+    _fake_check_weight(op, weight, min_dim)
+    _fake_check(grad_out.shape == weight.shape, op, f"expected grad_out of the weight's shape {list(weight.shape)}")
+    _fake_check(grad_out.dtype == weight.dtype, op, f"expected grad_out of the weight's dtype {weight.dtype}")
+    _fake_check(state.dtype == _acc_dtype(weight.dtype), op, f"expected state of dtype {_acc_dtype(weight.dtype)}")
+    return weight.new_empty(weight.shape)
+
+
+def _fake_sn_backward(grad_out, weight, state, dim, scale):
+    return _fake_backward("sn_backward", grad_out, weight, state, 2)
+
+
+def _fake_bsn_backward(grad_out, weight, state, scale):
+    return _fake_backward("bsn_backward", grad_out, weight, state, 3)
+
+
+# ---------------------------------------------------------------------------
+# Autograd of the forwards: a kernel at the Autograd key, as torch's own
+# custom_op generates (torch/_library/autograd.py), written out because
+# register_autograd does not accept ops with mutable arguments.
+
+
+def _check_buffers_do_not_require_grad(op, named_vectors):
+    for name, vec in named_vectors:
+        if vec.requires_grad:
+            raise RuntimeError(
+                f"bsn_cuda::{op}: expected {name} not to require grad (it is a power-iteration "
+                f"buffer updated in place; only the weight is differentiable), got requires_grad=True"
+            )
+
+
+def _bump_versions(tensors):
+    # The kernels write u/v through raw pointers; tell autograd, as torch's own
+    # in-place ops do, so that a stale saved copy is detected. Inference tensors
+    # have no version counter.
+    for t in tensors:
+        if not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
+def _redispatch_below_autograd(op, keyset, args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+class _SNForwardFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, keyset, weight, u, v, dim, n_power_iterations, eps, scale, update):
+        out, state = _redispatch_below_autograd(
+            torch.ops.bsn_cuda.sn_forward.default, keyset, (weight, u, v, dim, n_power_iterations, eps, scale, update)
+        )
+        ctx.save_for_backward(weight, state)
+        ctx.mark_non_differentiable(state)
+        ctx.dim = dim
+        ctx.scale = scale
+        return out, state
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_state):
+        weight, state = ctx.saved_tensors
+        grad_weight = torch.ops.bsn_cuda.sn_backward.default(grad_out, weight, state, ctx.dim, ctx.scale)
+        return None, grad_weight, None, None, None, None, None, None, None
+
+
+class _BSNForwardFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, keyset, weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
+        out, state = _redispatch_below_autograd(
+            torch.ops.bsn_cuda.bsn_forward.default,
+            keyset,
+            (weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update),
+        )
+        ctx.save_for_backward(weight, state)
+        ctx.mark_non_differentiable(state)
+        ctx.scale = scale
+        return out, state
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_state):
+        weight, state = ctx.saved_tensors
+        grad_weight = torch.ops.bsn_cuda.bsn_backward.default(grad_out, weight, state, ctx.scale)
+        return None, grad_weight, None, None, None, None, None, None, None, None
+
+
+def _sn_forward_autograd(keyset, weight, u, v, dim, n_power_iterations, eps, scale, update):
+    _check_buffers_do_not_require_grad("sn_forward", (("u", u), ("v", v)))
+    _bump_versions((u, v))
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _SNForwardFunction.apply(keyset, weight, u, v, dim, n_power_iterations, eps, scale, update)
+    return _redispatch_below_autograd(
+        torch.ops.bsn_cuda.sn_forward.default, keyset, (weight, u, v, dim, n_power_iterations, eps, scale, update)
+    )
+
+
+def _bsn_forward_autograd(keyset, weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
+    _check_buffers_do_not_require_grad("bsn_forward", (("u0", u0), ("v0", v0), ("u1", u1), ("v1", v1)))
+    _bump_versions((u0, v0, u1, v1))
+    args = (weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _BSNForwardFunction.apply(keyset, *args)
+    return _redispatch_below_autograd(torch.ops.bsn_cuda.bsn_forward.default, keyset, args)
+
+
+# ---------------------------------------------------------------------------
+# Autograd of the backward ops (double backward). With u, v constant and
+# sigma = <D, W> (D = d sigma / d W from the state), the backward is
+#     B(G, W) = a G - (a c / sigma) D,   a = scale / sigma, c = <G, W>
+# (B = scale * G when sigma == 0). For an upstream H and d = <D, H>:
+#     dB/dG^T H = a H - (scale d / sigma^2) W
+#     dB/dW^T H = -(scale <H, G> / sigma^2) D - (scale d / sigma^2) G + (2 scale c d / sigma^3) D
+# Computed in torch ops (so a third derivative still works), in the acc dtype.
+
+
+def _backward_of_backward(grad_grad, grad_out, weight, state, direction, scale, needs_input_grad):
+    acc = state.dtype
+    h = grad_grad.to(acc)
+    g = grad_out.to(acc)
+    w = weight.to(acc)
+    # sigma's value from the state, its dependence on W through <D, W>.
+    sigma = reference._live_sigma(state[0], torch.sum(direction * w))
+    zero = state[0] == 0
+    sigma_eff = torch.where(zero, torch.ones_like(sigma), sigma)
+    d = torch.sum(direction * h)
+    k = torch.where(zero, torch.zeros_like(sigma), scale * d / (sigma_eff * sigma_eff))
+    grad_g = grad_w = None
+    if needs_input_grad[0]:
+        grad_g = (scale / sigma_eff * h - k * w).to(grad_out.dtype)
+    if needs_input_grad[1]:
+        hg = torch.sum(h * g)
+        c = torch.sum(g * w)
+        coef_d = (-scale * hg / sigma_eff + 2 * scale * c * d / (sigma_eff * sigma_eff)) / sigma_eff
+        coef_d = torch.where(zero, torch.zeros_like(sigma), coef_d)
+        grad_w = (coef_d * direction - k * g).to(weight.dtype)
+    return grad_g, grad_w
+
+
+def _setup_sn_backward(ctx, inputs, output):
+    grad_out, weight, state, dim, scale = inputs
+    ctx.save_for_backward(grad_out, weight, state)
+    ctx.dim = dim
+    ctx.scale = scale
+
+
+def _sn_backward_backward(ctx, grad_grad):
+    grad_out, weight, state = ctx.saved_tensors
+    direction = reference.sn_direction(state, weight.shape, ctx.dim)
+    grad_g, grad_w = _backward_of_backward(
+        grad_grad, grad_out, weight, state, direction, ctx.scale, ctx.needs_input_grad
+    )
+    return grad_g, grad_w, None, None, None
+
+
+def _setup_bsn_backward(ctx, inputs, output):
+    grad_out, weight, state, scale = inputs
+    ctx.save_for_backward(grad_out, weight, state)
+    ctx.scale = scale
+
+
+def _bsn_backward_backward(ctx, grad_grad):
+    grad_out, weight, state = ctx.saved_tensors
+    direction = reference.bsn_direction(state, weight.shape)
+    grad_g, grad_w = _backward_of_backward(
+        grad_grad, grad_out, weight, state, direction, ctx.scale, ctx.needs_input_grad
+    )
+    return grad_g, grad_w, None, None
+
+
+def _register():
+    lib = torch.library.Library(_NAMESPACE, "IMPL")
+    lib.impl("sn_forward", _sn_forward_autograd, "Autograd", with_keyset=True)
+    lib.impl("bsn_forward", _bsn_forward_autograd, "Autograd", with_keyset=True)
+    for name, fake in (
+        ("sn_forward", _fake_sn_forward),
+        ("bsn_forward", _fake_bsn_forward),
+        ("sn_backward", _fake_sn_backward),
+        ("bsn_backward", _fake_bsn_backward),
+    ):
+        torch.library.register_fake(f"{_NAMESPACE}::{name}", fake, lib=lib)
+    torch.library.register_autograd(
+        f"{_NAMESPACE}::sn_backward", _sn_backward_backward, setup_context=_setup_sn_backward, lib=lib
+    )
+    torch.library.register_autograd(
+        f"{_NAMESPACE}::bsn_backward", _bsn_backward_backward, setup_context=_setup_bsn_backward, lib=lib
+    )
+    return lib
+
+
+# Kept alive for the life of the process: dropping a Library deregisters its kernels.
+_LIBRARY = _register() if HAS_EXTENSION else None
+
+OP_DEVICES = _devices_with_kernels()
+
+
+# ---------------------------------------------------------------------------
+# Entry points.
+
+
+def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
+    """``bsn_cuda::sn_forward`` (or its reference); returns ``(out, state)``.
+
+    Updates ``u``/``v`` in place when ``update``; ``out`` is differentiable
+    with respect to ``weight``.
+    """
+    if weight.device.type in OP_DEVICES:
+        return torch.ops.bsn_cuda.sn_forward.default(weight, u, v, dim, n_power_iterations, eps, scale, update)
+    return reference.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update)
+
+
+def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
+    """``bsn_cuda::bsn_forward`` (or its reference); returns ``(out, state)``."""
+    if weight.device.type in OP_DEVICES:
+        return torch.ops.bsn_cuda.bsn_forward.default(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
+    return reference.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)

@@ -1,0 +1,221 @@
+"""Functional SN / BSN for callers that hold their own power-iteration vectors.
+
+``spectral_norm(weight, u, v, ...)`` returns ``scale * W / sigma(W)`` and, when
+``training``, updates ``u`` and ``v`` in place (one fused op per call). The
+vectors are plain tensors the caller keeps between calls; create them with
+:func:`init_sn_vectors` / :func:`init_bsn_vectors`, which draw them exactly as
+``torch.nn.utils.parametrizations.spectral_norm`` does (same RNG calls, same
+order), and optionally warm them up with :func:`warm_up_sn` / :func:`warm_up_bsn`.
+
+Differences from torch: a weight whose sigma is exactly 0 (e.g. all zeros) is
+returned as ``scale * W`` instead of NaN, and a non-finite weight leaves the
+vectors unchanged instead of poisoning them.
+"""
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from . import _ops, reference
+
+__all__ = [
+    "spectral_norm",
+    "bidirectional_spectral_norm",
+    "init_sn_vectors",
+    "init_bsn_vectors",
+    "warm_up_sn",
+    "warm_up_bsn",
+    "uses_single_matricization",
+]
+
+
+# ---------------------------------------------------------------------------
+# Argument checks: Python-level values get ValueError/TypeError naming the
+# argument; tensor shapes, dtypes and devices are checked by the ops (RuntimeError).
+
+
+def _check_tensor(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_int(name, value, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"expected {name} to be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"expected {name} >= {minimum}, got {value}")
+
+
+def _check_positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"expected {name} to be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"expected {name} > 0 and finite, got {value}")
+
+
+def check_hyperparameters(n_power_iterations, eps, scale):
+    """Validate the scalar arguments shared by every entry point."""
+    _check_int("n_power_iterations", n_power_iterations, minimum=1)
+    _check_positive_float("eps", eps)
+    _check_positive_float("scale", scale)
+
+
+def _check_weight(weight):
+    _check_tensor("weight", weight)
+    if weight.ndim == 0:
+        raise ValueError("expected weight with at least 1 dimension, got a 0-D tensor")
+    if not weight.is_floating_point():
+        raise TypeError(f"expected a floating-point weight, got dtype {weight.dtype}")
+
+
+def _normalize_dim(dim, ndim):
+    _check_int("dim", dim)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"expected dim in [{-ndim}, {ndim - 1}] for a weight with {ndim} dimensions, got {dim}")
+    return dim + ndim if dim < 0 else dim
+
+
+def uses_single_matricization(shape):
+    """Whether BSN falls back to SN along dim 0 for a weight of this shape.
+
+    True for 2-D weights and for kernels whose dims after dim 1 are all 1
+    (e.g. 1x1 convolutions): their two matricizations are transposes of each
+    other, so both have the same spectral norm.
+    """
+    return len(shape) == 2 or (len(shape) >= 3 and all(s == 1 for s in shape[2:]))
+
+
+# ---------------------------------------------------------------------------
+# The normalizations.
+
+
+def spectral_norm(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, scale=1.0, training=True):
+    """``scale * W / sigma(W_mat(dim))`` with sigma estimated by power iteration.
+
+    Args:
+        weight: the weight (any floating dtype torch supports for the device; the
+            fused op handles float32/float64/float16/bfloat16, any strides).
+            Differentiable; ``u``/``v`` are held constant in the gradient.
+        u, v: the vectors of ``W_mat(dim)`` (sizes ``size(dim)`` and
+            ``numel / size(dim)``, contiguous, weight dtype and device),
+            updated in place when ``training``. Ignored (may be None) for 1-D weights.
+        dim: the output dimension (0 for Linear/Conv, 1 for ConvTranspose).
+        n_power_iterations: power iterations per training call (>= 1).
+        eps: lower bound for the norms in the power iteration (> 0).
+        scale: the target spectral norm (> 0); 1.0 is plain SN.
+        training: iterate and update ``u``/``v``; if False only
+            ``sigma = u^T W_mat v`` with the stored vectors.
+
+    A 1-D weight is normalized exactly: ``W / max(||W||, eps) * scale``. A
+    weight with ``sigma == 0`` (all zeros) gives ``scale * W`` (torch: NaN).
+    """
+    _check_weight(weight)
+    dim = _normalize_dim(dim, weight.ndim)
+    check_hyperparameters(n_power_iterations, eps, scale)
+    if weight.ndim == 1:
+        return reference.normalize_vector(weight, eps, scale)
+    _check_tensor("u", u)
+    _check_tensor("v", v)
+    out, _ = _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, bool(training))
+    return out
+
+
+def bidirectional_spectral_norm(weight, u0, v0, u1, v1, n_power_iterations=1, eps=1e-12, scale=1.0, training=True):
+    """Bidirectional (scaled) SN: ``scale * W / ((sigma_0 + sigma_1) / 2)``.
+
+    ``sigma_0`` is the spectral norm of ``W_mat(0)`` (``[c_out, c_in * k]``,
+    vectors ``u0``, ``v0``), ``sigma_1`` that of ``W_mat(1)``
+    (``[c_in, c_out * k]``, vectors ``u1``, ``v1``); Lin, Sekar and Fanti,
+    NeurIPS 2021. ``scale != 1`` is BSSN.
+
+    For weights where both matricizations are transposes of each other
+    (:func:`uses_single_matricization`: 2-D weights, 1x1 kernels) this is SN
+    along dim 0 and only ``u0``/``v0`` are used (``u1``/``v1`` may be None).
+    1-D weights: ``W / max(||W||, eps) * scale``. Other arguments as in
+    :func:`spectral_norm`; a weight with sigma 0 gives ``scale * W``.
+    """
+    _check_weight(weight)
+    check_hyperparameters(n_power_iterations, eps, scale)
+    if weight.ndim == 1:
+        return reference.normalize_vector(weight, eps, scale)
+    _check_tensor("u0", u0)
+    _check_tensor("v0", v0)
+    if uses_single_matricization(weight.shape):
+        out, _ = _ops.sn_forward(weight, u0, v0, 0, n_power_iterations, eps, scale, bool(training))
+        return out
+    _check_tensor("u1", u1)
+    _check_tensor("v1", v1)
+    out, _ = _ops.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, bool(training))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Initial vectors.
+
+
+def _random_pair(weight, dim, eps):
+    # torch's _SpectralNorm.__init__: both normal_ draws first (u, then v), then normalize.
+    rows = weight.shape[dim]
+    cols = weight.numel() // rows if rows else 0
+    u = weight.new_empty(rows).normal_(0, 1)
+    v = weight.new_empty(cols).normal_(0, 1)
+    return F.normalize(u, dim=0, eps=eps), F.normalize(v, dim=0, eps=eps)
+
+
+@torch.no_grad()
+def init_sn_vectors(weight, dim=0, eps=1e-12):
+    """Random unit ``(u, v)`` for :func:`spectral_norm`, drawn like torch's SN.
+
+    Consumes the RNG exactly as ``torch.nn.utils.parametrizations.spectral_norm``
+    does for the same weight (``u`` then ``v``, ``normal_(0, 1)``, then
+    ``F.normalize``), so the same seed gives the same vectors.
+    """
+    _check_weight(weight)
+    if weight.ndim < 2:
+        raise ValueError(f"expected weight with at least 2 dimensions, got {weight.ndim}")
+    dim = _normalize_dim(dim, weight.ndim)
+    _check_positive_float("eps", eps)
+    return _random_pair(weight, dim, eps)
+
+
+@torch.no_grad()
+def init_bsn_vectors(weight, eps=1e-12):
+    """Random unit vectors for :func:`bidirectional_spectral_norm`.
+
+    Returns ``(u0, v0, u1, v1)``, drawn pair 0 (dim 0) then pair 1 (dim 1), each
+    as :func:`init_sn_vectors`; ``(u0, v0, None, None)`` when
+    :func:`uses_single_matricization` (then the RNG use equals torch's SN).
+    """
+    _check_weight(weight)
+    if weight.ndim < 2:
+        raise ValueError(f"expected weight with at least 2 dimensions, got {weight.ndim}")
+    _check_positive_float("eps", eps)
+    u0, v0 = _random_pair(weight, 0, eps)
+    if uses_single_matricization(weight.shape):
+        return u0, v0, None, None
+    u1, v1 = _random_pair(weight, 1, eps)
+    return u0, v0, u1, v1
+
+
+@torch.no_grad()
+def warm_up_sn(weight, u, v, dim=0, n_power_iterations=15, eps=1e-12):
+    """Run ``n_power_iterations`` power iterations on ``u``/``v`` in place (torch does 15 at registration)."""
+    _check_weight(weight)
+    dim = _normalize_dim(dim, weight.ndim)
+    check_hyperparameters(n_power_iterations, eps, 1.0)
+    _ops.sn_forward(weight.detach(), u, v, dim, n_power_iterations, eps, 1.0, True)
+
+
+@torch.no_grad()
+def warm_up_bsn(weight, u0, v0, u1, v1, n_power_iterations=15, eps=1e-12):
+    """:func:`warm_up_sn` for both BSN pairs (only pair 0 for single-matricization weights)."""
+    _check_weight(weight)
+    check_hyperparameters(n_power_iterations, eps, 1.0)
+    if uses_single_matricization(weight.shape):
+        _ops.sn_forward(weight.detach(), u0, v0, 0, n_power_iterations, eps, 1.0, True)
+    else:
+        _ops.bsn_forward(weight.detach(), u0, v0, u1, v1, n_power_iterations, eps, 1.0, True)

@@ -1,0 +1,144 @@
+// See vec.h. No torch headers here: this file is plain C++.
+#include "vec.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define BSN_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BSN_MULTIVERSION
+#endif
+
+// The bodies must be inlined into each clone to be compiled for its ISA.
+#define BSN_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace bsn {
+namespace cpu {
+namespace {
+
+// Independent accumulator lanes: 4 AVX2 or 2 AVX-512 registers of float, and
+// enough to hide the FMA latency. Lane k sums elements k, k + kLanes, ...
+template <typename A>
+constexpr int kLanes = 128 / sizeof(A);
+
+template <typename A>
+BSN_ALWAYS_INLINE A combine_lanes(A* acc) {
+  for (int width = kLanes<A> / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+  }
+  return acc[0];
+}
+
+template <typename A>
+BSN_ALWAYS_INLINE A dot_body(const A* __restrict x, const A* __restrict y, int64_t n) {
+  constexpr int L = kLanes<A>;
+  A acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+#pragma omp simd
+    for (int k = 0; k < L; ++k) acc[k] += x[i + k] * y[i + k];
+  }
+  for (int k = 0; i < n; ++i, ++k) acc[k] += x[i] * y[i];
+  return combine_lanes(acc);
+}
+
+template <typename A>
+BSN_ALWAYS_INLINE A sum_sq_body(const A* __restrict x, int64_t n) {
+  constexpr int L = kLanes<A>;
+  A acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+#pragma omp simd
+    for (int k = 0; k < L; ++k) acc[k] += x[i + k] * x[i + k];
+  }
+  for (int k = 0; i < n; ++i, ++k) acc[k] += x[i] * x[i];
+  return combine_lanes(acc);
+}
+
+template <int P, typename A>
+BSN_ALWAYS_INLINE void periodic_dot_body(const A* __restrict x, const A* __restrict y, int64_t n,
+                              A* __restrict out) {
+  A acc[P] = {};
+  int64_t i = 0;
+  for (; i + P <= n; i += P) {
+#pragma omp simd
+    for (int k = 0; k < P; ++k) acc[k] += x[i + k] * y[i + k];
+  }
+  for (int k = 0; i < n; ++i, ++k) acc[k] += x[i] * y[i];
+  for (int k = 0; k < P; ++k) out[k] = acc[k];
+}
+
+}  // namespace
+
+#define BSN_DEFINE_VEC_PRIMITIVES(A)                                                    \
+  BSN_MULTIVERSION A dot(const A* x, const A* y, int64_t n) { return dot_body(x, y, n); } \
+  BSN_MULTIVERSION A sum_sq(const A* x, int64_t n) { return sum_sq_body(x, n); }        \
+  BSN_MULTIVERSION void axpy(A a, const A* __restrict x, A* __restrict y, int64_t n) {  \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];               \
+  }                                                                                     \
+  BSN_MULTIVERSION void axpy_and_mul_acc(A a, const A* __restrict x, A* __restrict t,   \
+                                         const A* __restrict p, A* __restrict q,        \
+                                         int64_t n) {                                   \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                               \
+      t[i] += a * x[i];                                                                 \
+      q[i] += x[i] * p[i];                                                              \
+    }                                                                                   \
+  }                                                                                     \
+  BSN_MULTIVERSION void mul_acc(const A* __restrict x, const A* __restrict y,           \
+                                A* __restrict acc, int64_t n) {                         \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) acc[i] += x[i] * y[i];          \
+  }                                                                                     \
+  BSN_MULTIVERSION void scaled_diff(A a, const A* __restrict g, A b,                    \
+                                    const A* __restrict v, A* __restrict out,           \
+                                    int64_t n) {                                        \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) out[i] = a * g[i] - b * v[i];   \
+  }                                                                                     \
+  BSN_MULTIVERSION void scaled_diff2(A a, const A* __restrict g, A b,                   \
+                                     const A* __restrict v, A c, const A* __restrict w, \
+                                     const A* __restrict p, A* __restrict out,          \
+                                     int64_t n) {                                       \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                               \
+      out[i] = a * g[i] - b * v[i] - c * w[i] * p[i];                                   \
+    }                                                                                   \
+  }                                                                                     \
+  BSN_MULTIVERSION void scale_inplace(A a, A* __restrict x, int64_t n) {                \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) x[i] *= a;                      \
+  }                                                                                     \
+  BSN_MULTIVERSION void scale_copy(A a, const A* __restrict x, A* __restrict out,       \
+                                   int64_t n) {                                         \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) out[i] = a * x[i];              \
+  }                                                                                     \
+  BSN_MULTIVERSION void axpy4(const A* a, const A* const* x, A* __restrict y, int64_t n) { \
+    const A a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];                                 \
+    const A *__restrict x0 = x[0], *__restrict x1 = x[1], *__restrict x2 = x[2],        \
+            *__restrict x3 = x[3];                                                      \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                               \
+      y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];                        \
+    }                                                                                   \
+  }                                                                                     \
+  BSN_MULTIVERSION void axpy4_and_mul_acc4(const A* a, const A* const* x, A* __restrict t, \
+                                           const A* const* p, A* __restrict q,          \
+                                           int64_t n) {                                 \
+    const A a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];                                 \
+    const A *__restrict x0 = x[0], *__restrict x1 = x[1], *__restrict x2 = x[2],        \
+            *__restrict x3 = x[3];                                                      \
+    const A *__restrict p0 = p[0], *__restrict p1 = p[1], *__restrict p2 = p[2],        \
+            *__restrict p3 = p[3];                                                      \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                               \
+      t[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];                        \
+      q[i] += x0[i] * p0[i] + x1[i] * p1[i] + x2[i] * p2[i] + x3[i] * p3[i];            \
+    }                                                                                   \
+  }                                                                                     \
+  BSN_MULTIVERSION void periodic_dot16(const A* x, const A* y, int64_t n, A* out) {     \
+    periodic_dot_body<16>(x, y, n, out);                                                \
+  }                                                                                     \
+  BSN_MULTIVERSION void periodic_dot144(const A* x, const A* y, int64_t n, A* out) {    \
+    periodic_dot_body<144>(x, y, n, out);                                               \
+  }
+
+BSN_DEFINE_VEC_PRIMITIVES(float)
+BSN_DEFINE_VEC_PRIMITIVES(double)
+
+#undef BSN_DEFINE_VEC_PRIMITIVES
+
+}  // namespace cpu
+}  // namespace bsn

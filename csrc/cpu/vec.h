@@ -1,0 +1,50 @@
+// Vector primitives of the CPU kernels, on float or double rows.
+//
+// Each is compiled for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and the baseline and
+// picked at load time (GCC target_clones), so one wheel runs fast everywhere.
+// Reductions keep a fixed number of lanes and a fixed combine order, so a
+// result depends on the data only (not on threads or on where a row sits).
+#pragma once
+
+#include <cstdint>
+
+namespace bsn {
+namespace cpu {
+
+#define BSN_DECLARE_VEC_PRIMITIVES(A)                                                   \
+  /* sum_k x[k] * y[k] */                                                               \
+  A dot(const A* x, const A* y, int64_t n);                                             \
+  /* sum_k x[k]^2 */                                                                    \
+  A sum_sq(const A* x, int64_t n);                                                      \
+  /* y += a * x */                                                                      \
+  void axpy(A a, const A* x, A* y, int64_t n);                                          \
+  /* t += a * x;  q += x * p   (BSN pass 1: dim-0 update and dim-1 products) */         \
+  void axpy_and_mul_acc(A a, const A* x, A* t, const A* p, A* q, int64_t n);            \
+  /* acc += x * y */                                                                    \
+  void mul_acc(const A* x, const A* y, A* acc, int64_t n);                              \
+  /* out = a * g - b * v */                                                             \
+  void scaled_diff(A a, const A* g, A b, const A* v, A* out, int64_t n);                \
+  /* out = a * g - b * v - c * w * p   (BSN gradient row) */                            \
+  void scaled_diff2(A a, const A* g, A b, const A* v, A c, const A* w, const A* p,      \
+                    A* out, int64_t n);                                                 \
+  /* x *= a */                                                                          \
+  void scale_inplace(A a, A* x, int64_t n);                                             \
+  /* out = a * x */                                                                     \
+  void scale_copy(A a, const A* x, A* out, int64_t n);                                  \
+  /* y += a[0] x[0] + ... + a[3] x[3]   (four rows at once: one pass over y) */         \
+  void axpy4(const A* a, const A* const* x, A* y, int64_t n);                           \
+  /* t += sum_r a[r] x[r];  q += sum_r x[r] * p[r]   (four rows of BSN pass 1) */       \
+  void axpy4_and_mul_acc4(const A* a, const A* const* x, A* t, const A* const* p, A* q, \
+                          int64_t n);                                                   \
+  /* out[j] = sum_{k = j mod P} x[k] * y[k] for P = 16 or 144 (4x4 and 3x3 kernels), */ \
+  /* with the P partial sums kept in registers. */                                      \
+  void periodic_dot16(const A* x, const A* y, int64_t n, A* out);                       \
+  void periodic_dot144(const A* x, const A* y, int64_t n, A* out);
+
+BSN_DECLARE_VEC_PRIMITIVES(float)
+BSN_DECLARE_VEC_PRIMITIVES(double)
+
+#undef BSN_DECLARE_VEC_PRIMITIVES
+
+}  // namespace cpu
+}  // namespace bsn

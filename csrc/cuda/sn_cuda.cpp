@@ -1,0 +1,135 @@
+// CUDA backend of the bsn_cuda ops: host side. Checks and allocation of out /
+// state are shared with the other backends (host.cpp); this file plans the
+// launch, allocates the workspace from the caching allocator (so a call can be
+// captured in a CUDA graph), and launches on the current stream. No host
+// synchronization anywhere.
+//
+// BSN_CUDA_MODE=auto|single|coop|multi forces a launch mode (see kernels.cu);
+// all modes give bitwise identical results.
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/kernels.cuh"
+#include "host.h"
+
+namespace bsn {
+namespace cuda {
+namespace {
+
+Mode mode_from_env() {
+  const char* s = std::getenv("BSN_CUDA_MODE");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) return Mode::Auto;
+  if (std::strcmp(s, "single") == 0) return Mode::Single;
+  if (std::strcmp(s, "coop") == 0) return Mode::Coop;
+  if (std::strcmp(s, "multi") == 0) return Mode::Multi;
+  TORCH_CHECK(false, "bsn_cuda: BSN_CUDA_MODE must be auto, single, coop or multi, got '", s,
+              "'");
+}
+
+// The current device (set by the caller's CUDAGuard).
+DeviceInfo device_info() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  DeviceInfo d;
+  d.device = static_cast<int>(c10::cuda::current_device());
+  d.sm_count = prop->multiProcessorCount;
+  d.smem_optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  d.cooperative = prop->cooperativeLaunch != 0;
+  return d;
+}
+
+int acc_size(at::ScalarType dtype) { return dtype == at::kDouble ? 8 : 4; }
+
+void check_cuda(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(weight.defined() && weight.is_cuda(), op,
+              ": expected weight on a CUDA device (the CUDA kernel runs because an "
+              "argument is on CUDA), got ",
+              weight.defined() ? weight.device().str() : std::string("None"));
+}
+
+at::Tensor workspace(const at::Tensor& like, int64_t elems) {
+  return at::empty({elems > 0 ? elems : 1},
+                   like.options().dtype(acc_dtype(like.scalar_type())));
+}
+
+std::tuple<at::Tensor, at::Tensor> run_forward(const PreparedForward& prep) {
+  const DeviceInfo dev = device_info();
+  const at::ScalarType dtype = prep.weight.scalar_type();
+  const ForwardPlan plan =
+      make_forward_plan(prep.params, acc_size(dtype), dev, mode_from_env());
+  at::Tensor ws = workspace(prep.weight, plan.ws_elems);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bsn_cuda_forward", [&] {
+    launch_forward<scalar_t>(prep.params, plan, ws.data_ptr(), dev, stream);
+  });
+  return std::make_tuple(prep.out, prep.state);
+}
+
+at::Tensor run_backward(const PreparedBackward& prep) {
+  const DeviceInfo dev = device_info();
+  const at::ScalarType dtype = prep.weight.scalar_type();
+  const BackwardPlan plan =
+      make_backward_plan(prep.params, acc_size(dtype), dev, mode_from_env());
+  at::Tensor ws = workspace(prep.weight, plan.ws_elems);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bsn_cuda_backward", [&] {
+    launch_backward<scalar_t>(prep.params, plan, ws.data_ptr(), dev, stream);
+  });
+  return prep.grad_weight;
+}
+
+std::tuple<at::Tensor, at::Tensor> sn_forward_cuda(const at::Tensor& weight, const at::Tensor& u,
+                                                   const at::Tensor& v, int64_t dim,
+                                                   int64_t n_power_iterations, double eps,
+                                                   double scale, bool update) {
+  check_cuda("bsn_cuda::sn_forward", weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const PreparedForward prep =
+      prepare_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
+  return run_forward(prep);
+}
+
+at::Tensor sn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
+                            const at::Tensor& state, int64_t dim, double scale) {
+  check_cuda("bsn_cuda::sn_backward", weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const PreparedBackward prep = prepare_sn_backward(grad_out, weight, state, dim, scale);
+  return run_backward(prep);
+}
+
+std::tuple<at::Tensor, at::Tensor> bsn_forward_cuda(const at::Tensor& weight,
+                                                    const at::Tensor& u0, const at::Tensor& v0,
+                                                    const at::Tensor& u1, const at::Tensor& v1,
+                                                    int64_t n_power_iterations, double eps,
+                                                    double scale, bool update) {
+  check_cuda("bsn_cuda::bsn_forward", weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const PreparedForward prep =
+      prepare_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+  return run_forward(prep);
+}
+
+at::Tensor bsn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
+                             const at::Tensor& state, double scale) {
+  check_cuda("bsn_cuda::bsn_backward", weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const PreparedBackward prep = prepare_bsn_backward(grad_out, weight, state, scale);
+  return run_backward(prep);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bsn
+
+TORCH_LIBRARY_IMPL(bsn_cuda, CUDA, m) {
+  m.impl("sn_forward", &bsn::cuda::sn_forward_cuda);
+  m.impl("sn_backward", &bsn::cuda::sn_backward_cuda);
+  m.impl("bsn_forward", &bsn::cuda::bsn_forward_cuda);
+  m.impl("bsn_backward", &bsn::cuda::bsn_backward_cuda);
+}

@@ -1,0 +1,61 @@
+"""Shared test setup.
+
+The suite tests the compiled ops: if ``bsn_cuda._C`` did not load, every test
+fails (not skips) unless ``BSN_ALLOW_REFERENCE=1``, which runs the suite
+against the pure-PyTorch fallback (tests that need the compiled ops then skip).
+"""
+
+import os
+
+import pytest
+import torch
+
+import bsn_cuda
+from bsn_cuda import _ops
+
+ALLOW_REFERENCE = os.environ.get("BSN_ALLOW_REFERENCE", "") == "1"
+
+# float32 results are compared at ~1e-5; TF32 convolutions/matmuls on Ampere+
+# GPUs would add ~1e-3 differences between two otherwise equal computations.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+# With the extension, CUDA tests need its CUDA kernels; the reference fallback runs anywhere.
+CUDA_USABLE = torch.cuda.is_available() and (
+    "cuda" in _ops.OP_DEVICES or (not bsn_cuda.HAS_EXTENSION and ALLOW_REFERENCE)
+)
+
+requires_ops = pytest.mark.skipif(
+    not bsn_cuda.HAS_EXTENSION, reason="needs the compiled ops (running with BSN_ALLOW_REFERENCE=1)"
+)
+
+# Device parametrization: "cuda" skips without a GPU or without registered CUDA kernels.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not CUDA_USABLE, reason="CUDA unavailable or bsn_cuda CUDA kernels not registered"),
+    ),
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_extension():
+    if not bsn_cuda.HAS_EXTENSION and not ALLOW_REFERENCE:
+        pytest.fail(
+            f"bsn_cuda._C did not load ({_ops.EXTENSION_ERROR}); build it with "
+            "`pip install --no-build-isolation -e .`, or set BSN_ALLOW_REFERENCE=1 to test the "
+            "pure-PyTorch fallback",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def reference_only(monkeypatch):
+    """Route the package's entry points to the reference for the duration of a test."""
+    monkeypatch.setattr(_ops, "OP_DEVICES", frozenset())
+
+
+def random_unit(n, dtype, device, generator=None):
+    x = torch.randn(n, dtype=torch.float64, generator=generator).to(device)
+    return (x / x.norm()).to(dtype)
