@@ -500,10 +500,6 @@ def make_case(impl, base, mode, grad_seed=1):
     return call, reset, m, note
 
 
-def set_mode(module, mode):
-    module.train(mode != "eval")
-
-
 # --------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------
@@ -776,6 +772,29 @@ CONTENTION_LIMIT = 0.15  # share of the CPU used by other processes that makes a
 CONTENTION_RETRIES = 3
 
 
+class _WaitBudget:
+    """Total seconds the run may spend waiting for other processes to go quiet."""
+
+    left = 0.0
+
+
+def wait_for_quiet(max_wait, sample_s=0.5):
+    """Sleep until other processes use under CONTENTION_LIMIT of the CPU (sampled
+    over `sample_s`), at most `max_wait` seconds from the run's wait budget, at
+    least one sample. Returns the seconds waited."""
+    t0 = time.perf_counter()
+    limit = min(max_wait, _WaitBudget.left)
+    while True:
+        a, w = _cpu_ticks(), time.perf_counter()
+        time.sleep(sample_s)
+        c = contention(a, _cpu_ticks(), time.perf_counter() - w)
+        waited = time.perf_counter() - t0
+        if c is None or c <= CONTENTION_LIMIT or waited >= limit:
+            break
+    _WaitBudget.left = max(0.0, _WaitBudget.left - max(0.0, waited - sample_s))
+    return waited
+
+
 def _suspect(st):
     """A CPU measurement disturbed by other processes: they used a noticeable
     share of the CPU, or the calls split into fast ones and ones that waited
@@ -807,7 +826,7 @@ def measure_case(impl, base, mode, device, budget, flush=True, retries=CONTENTIO
             best = time_cpu(call, reset, budget)
             tries = 1
             while _suspect(best) and tries <= retries:
-                time.sleep(0.5 * tries)
+                wait_for_quiet(20.0)
                 again = time_cpu(call, reset, budget)
                 tries += 1
                 if _badness(again) < _badness(best):
@@ -1102,7 +1121,7 @@ def run_e2e(device, dtype, batch, warmup, reps, progress, native, retries=CONTEN
                     rec.update(st)
                 if not st.get("contended"):
                     break
-                time.sleep(1.0)
+                wait_for_quiet(30.0)
             del model, opt
         except Exception as e:  # noqa: BLE001
             rec["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
@@ -1586,6 +1605,9 @@ def build_parser():
     p.add_argument("--retries", type=int, default=None,
                    help=f"CPU: measure a case again up to N times when other processes disturbed it "
                         f"[{CONTENTION_RETRIES}; --quick: 1]")
+    p.add_argument("--max-wait", type=float, default=None,
+                   help="CPU: seconds the whole run may spend waiting for other processes to go quiet "
+                        "before a retry [900; --quick: 5]")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush L2 before each timed call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -1617,6 +1639,7 @@ def run(args):
         QUICK_IMPLS if args.quick else list(DEFAULT_IMPLS))
     dtype = DTYPES[args.dtype]
     retries = args.retries if args.retries is not None else (1 if args.quick else CONTENTION_RETRIES)
+    _WaitBudget.left = float(args.max_wait if args.max_wait is not None else (5 if args.quick else 900))
     if args.quick:
         budget = Budget(warmup=2, min_reps=5, max_reps=60, min_time=0.02, max_time=0.3)
         e2e_batch, e2e_warmup, e2e_reps = args.e2e_batch or 8, 1, args.e2e_reps or 3
@@ -1636,7 +1659,7 @@ def run(args):
             "e2e": {"batch": e2e_batch, "warmup_cpu": e2e_warmup, "reps_cpu": e2e_reps,
                     "warmup_cuda": 3, "reps_cuda": args.e2e_reps or 20},
             "cuda_l2_flush": not args.no_flush, "contention_retries": retries,
-            "contention_limit": CONTENTION_LIMIT,
+            "contention_limit": CONTENTION_LIMIT, "max_wait_s": _WaitBudget.left,
         },
         "measurements": [], "summary": [], "models": [], "goals": [], "e2e": [],
     }
@@ -1658,6 +1681,14 @@ def run(args):
     if E2E in suites:
         print(f"end-to-end step: batch {e2e_batch} real + {e2e_batch} fake, {e2e_reps} reps"
               + (" (--quick: small batch)" if args.quick and not args.e2e_batch else ""), flush=True)
+    wait_budget0 = _WaitBudget.left
+    if any(d.type == "cpu" for d in devices) and not args.quick and _WaitBudget.left > 0:
+        a, w = _cpu_ticks(), time.perf_counter()
+        time.sleep(0.5)
+        c = contention(a, _cpu_ticks(), time.perf_counter() - w)
+        if c is not None and c > CONTENTION_LIMIT:
+            print(f"other processes use {100 * c:.0f}% of the CPU: waiting up to 60 s for them to go quiet", flush=True)
+            wait_for_quiet(60.0)
     progress = Progress(bar_total, enabled=not args.no_progress)
     memo = {}
     t_start = time.time()
@@ -1682,6 +1713,7 @@ def run(args):
     native_by_device = {k: v["fused_native"] for k, v in env["devices"].items()}
     result["goals"] = judge_goals(result["summary"], native_by_device, args.dtype, torch.get_num_threads())
     result["elapsed_s"] = time.time() - t_start
+    result["waited_for_quiet_s"] = wait_budget0 - _WaitBudget.left
     try:
         env["loadavg_end"] = os.getloadavg()
     except OSError:

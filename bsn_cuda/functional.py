@@ -57,6 +57,11 @@ def _check_positive_float(name, value):
         raise ValueError(f"expected {name} > 0 and finite, got {value}")
 
 
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"expected {name} to be a bool, got {type(value).__name__}")
+
+
 def check_hyperparameters(n_power_iterations, eps, scale):
     """Validate the scalar arguments shared by every entry point."""
     _check_int("n_power_iterations", n_power_iterations, minimum=1)
@@ -116,11 +121,12 @@ def spectral_norm(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, scale=1.
     _check_weight(weight)
     dim = _normalize_dim(dim, weight.ndim)
     check_hyperparameters(n_power_iterations, eps, scale)
+    _check_bool("training", training)
     if weight.ndim == 1:
         return reference.normalize_vector(weight, eps, scale)
     _check_tensor("u", u)
     _check_tensor("v", v)
-    out, _ = _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, bool(training))
+    out, _ = _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, training)
     return out
 
 
@@ -140,16 +146,17 @@ def bidirectional_spectral_norm(weight, u0, v0, u1, v1, n_power_iterations=1, ep
     """
     _check_weight(weight)
     check_hyperparameters(n_power_iterations, eps, scale)
+    _check_bool("training", training)
     if weight.ndim == 1:
         return reference.normalize_vector(weight, eps, scale)
     _check_tensor("u0", u0)
     _check_tensor("v0", v0)
     if uses_single_matricization(weight.shape):
-        out, _ = _ops.sn_forward(weight, u0, v0, 0, n_power_iterations, eps, scale, bool(training))
+        out, _ = _ops.sn_forward(weight, u0, v0, 0, n_power_iterations, eps, scale, training)
         return out
     _check_tensor("u1", u1)
     _check_tensor("v1", v1)
-    out, _ = _ops.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, bool(training))
+    out, _ = _ops.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, training)
     return out
 
 

@@ -26,7 +26,7 @@ from torch.nn.utils.spectral_norm import (
 )
 
 from . import _ops, reference
-from .functional import check_hyperparameters, uses_single_matricization
+from .functional import _check_int, _check_tensor, check_hyperparameters, uses_single_matricization
 
 __all__ = [
     "SpectralNorm",
@@ -37,6 +37,7 @@ __all__ = [
     "convert_spectral_norm",
     "apply_spectral_norm",
     "get_sigma",
+    "spectral_norm_checkpoint_context",
     "SPECTRAL_NORM_LAYERS",
 ]
 
@@ -64,7 +65,64 @@ def _check_weight_dtype(weight):
         raise TypeError(f"expected a weight of dtype float32, float64, float16 or bfloat16, got {weight.dtype}")
 
 
-class SpectralNorm(nn.Module):
+def _check_weight(weight):
+    """Type, rank, size and dtype of a weight to normalize (ValueError/TypeError naming it)."""
+    _check_tensor("weight", weight)
+    if weight.ndim == 0:
+        raise ValueError("expected a weight with at least 1 dimension, got a 0-D tensor")
+    if weight.ndim > 1 and weight.numel() == 0:
+        raise ValueError(f"expected a non-empty weight, got shape {list(weight.shape)}")
+    _check_weight_dtype(weight)
+
+
+def _check_n_power_iterations(n_power_iterations):
+    _check_int("n_power_iterations", n_power_iterations)
+    if n_power_iterations <= 0:  # torch's wording
+        raise ValueError(
+            f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Activation checkpointing: torch.utils.checkpoint runs the forward again
+# inside the backward pass. That recomputation must neither iterate the
+# vectors a second time nor overwrite the logged sigma; it evaluates sigma
+# from the stored vectors, which are the ones the real forward left there
+# (its state snapshot is exactly those vectors).
+
+_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+if _is_compiling is None:  # pragma: no cover - torch < 2.3
+
+    def _is_compiling():
+        return torch._dynamo.is_compiling()
+
+
+def _in_backward_pass():
+    """True while the autograd engine runs a backward pass (e.g. a checkpoint recomputation).
+
+    Constant False while dynamo traces (torch.compile): no graph break, and a
+    compiled graph recomputes functionally, applying the buffer update once.
+    """
+    if _is_compiling() or _current_graph_task_id is None:
+        return False
+    return _current_graph_task_id() != -1
+
+
+class _AccSigmaMixin:
+    """Keeps the logging buffers ``_sigma``/``_sigmas`` in the accumulation dtype
+    (float32, float64 for float64 weights) across ``module.to(dtype)``/``.half()``."""
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        for name in ("_sigma", "_sigmas"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buf.float()
+        return result
+
+
+class SpectralNorm(_AccSigmaMixin, nn.Module):
     """The SN parametrization: ``scale * W / sigma(W_mat(dim))``.
 
     Mirrors ``torch.nn.utils.parametrizations._SpectralNorm``: buffers ``_u``,
@@ -76,19 +134,22 @@ class SpectralNorm(nn.Module):
 
     ``vectors=(u, v)`` starts from copies of given vectors instead (no RNG
     use, no warm-up); :func:`convert_spectral_norm` uses it.
+
+    A forward run inside a backward pass (the recomputation of activation
+    checkpointing) does not iterate: it evaluates sigma from the stored
+    vectors, so they are updated once per real forward (see
+    :func:`spectral_norm_checkpoint_context` for bitwise-equal gradients).
     """
 
     def __init__(self, weight, n_power_iterations=1, dim=0, eps=1e-12, scale=1.0, *, vectors=None):
         super().__init__()
+        _check_weight(weight)
         ndim = weight.ndim
-        if dim >= ndim or dim < -ndim:
+        _check_int("dim", dim)
+        if dim >= ndim or dim < -ndim:  # torch's wording
             raise IndexError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})")
-        if n_power_iterations <= 0:
-            raise ValueError(
-                f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}"
-            )
+        _check_n_power_iterations(n_power_iterations)
         check_hyperparameters(n_power_iterations, eps, scale)
-        _check_weight_dtype(weight)
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
         self.scale = float(scale)
@@ -123,10 +184,24 @@ class SpectralNorm(nn.Module):
         )
 
     def forward(self, weight):
+        if _in_backward_pass():  # a checkpoint recomputation: no second update
+            return self.normalize(weight, False)[0]
         out, state = self.normalize(weight, self.training)
         with torch.no_grad():
             self._sigma.copy_(state[0])
         return out
+
+    @torch.no_grad()
+    def power_iterate(self, weight, n_power_iterations):
+        """Run ``n_power_iterations`` power iterations on ``_u``/``_v`` for ``weight``
+        (in place, no gradient) and record the resulting sigma (see :mod:`bsn_cuda.ema`)."""
+        if weight.ndim == 1:
+            self._sigma.copy_(torch.linalg.vector_norm(weight.to(self._sigma.dtype)))
+            return
+        _, state = _ops.sn_forward(
+            weight.detach(), self._u, self._v, self.dim, n_power_iterations, self.eps, self.scale, True
+        )
+        self._sigma.copy_(state[0])
 
     def right_inverse(self, value):
         return value
@@ -135,7 +210,7 @@ class SpectralNorm(nn.Module):
         return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, scale={self.scale}"
 
 
-class BidirectionalSpectralNorm(nn.Module):
+class BidirectionalSpectralNorm(_AccSigmaMixin, nn.Module):
     """The BSN/BSSN parametrization: ``scale * W / ((sigma_0 + sigma_1) / 2)``.
 
     ``sigma_0`` is estimated on ``W_mat(0)`` (``[c_out, c_in * k]``, buffers
@@ -146,17 +221,15 @@ class BidirectionalSpectralNorm(nn.Module):
     warmed up (15 iterations) like torch's SN. ``_sigma`` holds the last sigma
     and ``_sigmas`` the pair ``(sigma_0, sigma_1)`` (not in the ``state_dict``).
     A weight with sigma 0 gives ``scale * W``; 1-D weights:
-    ``W / max(||W||, eps) * scale``.
+    ``W / max(||W||, eps) * scale``. Activation checkpointing: as
+    :class:`SpectralNorm`.
     """
 
     def __init__(self, weight, n_power_iterations=1, eps=1e-12, scale=1.0):
         super().__init__()
-        if n_power_iterations <= 0:
-            raise ValueError(
-                f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}"
-            )
+        _check_weight(weight)
+        _check_n_power_iterations(n_power_iterations)
         check_hyperparameters(n_power_iterations, eps, scale)
-        _check_weight_dtype(weight)
         self.eps = eps
         self.scale = float(scale)
         self.n_power_iterations = n_power_iterations
@@ -193,11 +266,27 @@ class BidirectionalSpectralNorm(nn.Module):
         return out, (state[:1].expand(3) if self.single else state[:3])
 
     def forward(self, weight):
+        if _in_backward_pass():  # a checkpoint recomputation: no second update
+            return self.normalize(weight, False)[0]
         out, sigmas = self.normalize(weight, self.training)
         with torch.no_grad():
             self._sigma.copy_(sigmas[0])
             self._sigmas.copy_(sigmas[1:3])
         return out
+
+    @torch.no_grad()
+    def power_iterate(self, weight, n_power_iterations):
+        """Run ``n_power_iterations`` power iterations on the vectors for ``weight``
+        (in place, no gradient) and record the resulting sigmas (see :mod:`bsn_cuda.ema`)."""
+        if weight.ndim == 1:
+            norm = torch.linalg.vector_norm(weight.to(self._sigma.dtype))
+            self._sigma.copy_(norm)
+            self._sigmas.copy_(norm.expand(2))
+            return
+        _, state = self._run(weight.detach(), n_power_iterations, True)
+        sigmas = state[:1].expand(3) if self.single else state[:3]
+        self._sigma.copy_(sigmas[0])
+        self._sigmas.copy_(sigmas[1:3])
 
     def right_inverse(self, value):
         return value
@@ -258,10 +347,58 @@ def _remove_legacy_hook(module, name):
 
 
 # ---------------------------------------------------------------------------
+# Whole-model pickling (torch.save(model), copy.copy). torch.nn.utils.parametrize
+# swaps the module's class for a generated subclass that cannot be pickled by
+# reference and refuses to pickle (its __getstate__ raises). For modules we
+# parametrize, pickle the plain class plus the module's __dict__ instead and
+# regenerate the subclass and its properties on load.
+
+
+def _rebuild_parametrized(base_cls, tensor_names):
+    module = base_cls.__new__(base_cls)
+    parametrize._inject_new_class(module)
+    for tensor_name in tensor_names:
+        parametrize._inject_property(module, tensor_name)
+    _make_picklable(module)
+    return module  # pickle then restores __dict__ through nn.Module.__setstate__
+
+
+def _reduce_parametrized(self, protocol=2):
+    base_cls = type(self).__bases__[0]
+    names = tuple(self.__dict__["_modules"]["parametrizations"].keys())
+    return _rebuild_parametrized, (base_cls, names), self.__dict__.copy()
+
+
+def _make_picklable(module):
+    cls = type(module)
+    if not hasattr(parametrize, "_inject_new_class") or not hasattr(parametrize, "_inject_property"):
+        return  # pragma: no cover - keep torch's behaviour if its internals change
+    if cls.__dict__.get("__reduce_ex__") is not _reduce_parametrized:
+        cls.__reduce_ex__ = _reduce_parametrized
+
+
+# ---------------------------------------------------------------------------
 # Public API.
 
 
+def _check_module(module, what="module"):
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected {what} to be a torch.nn.Module, got {type(module).__name__}")
+
+
+def _check_name(name):
+    if not isinstance(name, str):
+        raise TypeError(f"expected name to be a str, got {type(name).__name__}")
+
+
 def _get_weight(module, name):
+    _check_module(module)
+    _check_name(name)
+    if _has_spectral_norm(module, name):
+        raise ValueError(
+            f"'{name}' of {type(module).__name__} already has a spectral norm; remove it first "
+            "(bsn_cuda.remove_spectral_norm), or use bsn_cuda.convert_spectral_norm for torch's"
+        )
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
@@ -291,6 +428,7 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
         dim = 1 if isinstance(module, _CONV_TRANSPOSE) else 0
     parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps, scale))
     _add_legacy_hook(module, name)
+    _make_picklable(module)
     return module
 
 
@@ -311,10 +449,13 @@ def bidirectional_spectral_norm(module, name="weight", n_power_iterations=1, eps
     parametrize.register_parametrization(
         module, name, BidirectionalSpectralNorm(weight, n_power_iterations, eps, scale)
     )
+    _make_picklable(module)
     return module
 
 
 def _find_ours(module, name, kinds=_OURS):
+    _check_module(module)
+    _check_name(name)
     if parametrize.is_parametrized(module, name):
         for p in module.parametrizations[name]:
             if isinstance(p, kinds):
@@ -365,6 +506,7 @@ def _convert_parametrized(module):
             ours.train(p.training)
             plist[index] = ours
             _add_legacy_hook(module, name)
+            _make_picklable(module)
 
 
 def _convert_legacy(module):
@@ -402,6 +544,7 @@ def _convert_legacy(module):
             module.training = was_training
         ours.train(was_training)
         _add_legacy_hook(module, name)
+        _make_picklable(module)
 
 
 def convert_spectral_norm(model):
@@ -417,6 +560,7 @@ def convert_spectral_norm(model):
     the legacy flavour iterates in the opposite order (``v`` first), so its
     next training outputs differ slightly (both converge to the same sigma).
     """
+    _check_module(model, "model")
     for module in list(model.modules()):
         _convert_parametrized(module)
         _convert_legacy(module)
@@ -438,6 +582,7 @@ def apply_spectral_norm(model, kind="sn", n_power_iterations=1, eps=1e-12, scale
     torch's; use :func:`convert_spectral_norm` for torch's) or an
     uninitialized lazy weight. Returns ``model``.
     """
+    _check_module(model, "model")
     if kind not in ("sn", "bsn"):
         raise ValueError(f"expected kind 'sn' or 'bsn', got {kind!r}")
     check_hyperparameters(n_power_iterations, eps, scale)
@@ -472,3 +617,35 @@ def get_sigma(module, name="weight", per_matricization=False):
             raise ValueError("per_matricization=True needs bidirectional_spectral_norm; this module uses spectral_norm")
         return norm._sigmas.detach().clone()
     return norm._sigma.detach().clone()
+
+
+def _save_spectral_norm_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if _ops.HAS_EXTENSION and op in (torch.ops.bsn_cuda.sn_forward.default, torch.ops.bsn_cuda.bsn_forward.default):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def spectral_norm_checkpoint_context():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint`` that keeps the SN/BSN ops out of the recomputation.
+
+    Usage: ``checkpoint(block, x, use_reentrant=False, context_fn=bsn_cuda.nn.spectral_norm_checkpoint_context)``.
+
+    Selective activation checkpointing that saves the outputs of the fused
+    SN/BSN ops (the normalized weight and the small state) and recomputes
+    everything else. The backward then uses
+    exactly the state of the real forward, so gradients equal those of the
+    run without checkpointing bit for bit, also when a layer runs several
+    training forwards before one backward (GAN: D(real), D(fake)), and under
+    ``torch.compile``, whose partitioner would otherwise recompute the op from
+    the already-updated buffers (silently wrong gradients, a torch issue).
+    Plain checkpointing in eager mode is handled without it (the recomputation
+    does not update the vectors again and evaluates sigma from them): gradients
+    equal to rounding for one training forward per backward; with several, the
+    recomputation of the earlier ones uses the latest vectors. Needs torch >= 2.4 and the compiled ops (the reference fallback
+    is recomputed, which is still correct in eager mode).
+    """
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_save_spectral_norm_policy)

@@ -44,7 +44,12 @@
 //           A, B, [C], D = 3 (SN) or 4 (BSN) launches for one power iteration,
 //           +3/+4 per extra iteration; eval: 2; backward: 2.
 // BSN_CUDA_MODE=single|coop|multi (read by sn_cuda.cpp) forces a mode for tests
-// and benchmarks; the default (auto) picks by size.
+// and benchmarks; the default (auto) picks by size, and does not use Coop while
+// the stream is being captured into a CUDA graph (sn_cuda.cpp; inside a graph
+// the launch overhead Coop saves is gone, and plain launches are the safest to
+// capture). Why cooperative groups rather than a hand-made grid barrier: the
+// launch API guarantees co-residency (or fails cleanly), and grid.sync() gives
+// the memory ordering between phases.
 //
 // Memory traffic: training SN reads W once per iteration (phase A) and once more
 // to write out (phase D); BSN reads W twice per iteration. D walks W backwards

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -33,14 +34,23 @@ Mode mode_from_env() {
               "'");
 }
 
-// The current device (set by the caller's CUDAGuard).
-DeviceInfo device_info() {
+// The current device (set by the caller's CUDAGuard). In Auto mode, while the
+// current stream is being captured into a CUDA graph, the cooperative launch is
+// not used (single-block or multi-kernel instead: same results): inside a graph
+// the per-launch host overhead it saves is gone anyway, and this keeps graph
+// capture (torch.compile mode="reduce-overhead") on plain kernel launches.
+// BSN_CUDA_MODE=coop still captures the cooperative kernel (tests do).
+DeviceInfo device_info(Mode mode) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   DeviceInfo d;
   d.device = static_cast<int>(c10::cuda::current_device());
   d.sm_count = prop->multiProcessorCount;
   d.smem_optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   d.cooperative = prop->cooperativeLaunch != 0;
+  if (mode == Mode::Auto && d.cooperative &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    d.cooperative = false;
+  }
   return d;
 }
 
@@ -59,10 +69,10 @@ at::Tensor workspace(const at::Tensor& like, int64_t elems) {
 }
 
 std::tuple<at::Tensor, at::Tensor> run_forward(const PreparedForward& prep) {
-  const DeviceInfo dev = device_info();
+  const Mode mode = mode_from_env();
+  const DeviceInfo dev = device_info(mode);
   const at::ScalarType dtype = prep.weight.scalar_type();
-  const ForwardPlan plan =
-      make_forward_plan(prep.params, acc_size(dtype), dev, mode_from_env());
+  const ForwardPlan plan = make_forward_plan(prep.params, acc_size(dtype), dev, mode);
   at::Tensor ws = workspace(prep.weight, plan.ws_elems);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bsn_cuda_forward", [&] {
@@ -72,10 +82,10 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const PreparedForward& prep) {
 }
 
 at::Tensor run_backward(const PreparedBackward& prep) {
-  const DeviceInfo dev = device_info();
+  const Mode mode = mode_from_env();
+  const DeviceInfo dev = device_info(mode);
   const at::ScalarType dtype = prep.weight.scalar_type();
-  const BackwardPlan plan =
-      make_backward_plan(prep.params, acc_size(dtype), dev, mode_from_env());
+  const BackwardPlan plan = make_backward_plan(prep.params, acc_size(dtype), dev, mode);
   at::Tensor ws = workspace(prep.weight, plan.ws_elems);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bsn_cuda_backward", [&] {
