@@ -94,8 +94,10 @@ at::Tensor run_backward(const PreparedBackward& prep) {
   return prep.grad_weight;
 }
 
-std::tuple<at::Tensor, at::Tensor> sn_forward_cuda(const at::Tensor& weight, const at::Tensor& u,
-                                                   const at::Tensor& v, int64_t dim,
+// Signatures: mutable (Tensor(a!)) arguments as at::Tensor&, exactly as the CPU
+// backend registers them (the dispatcher requires one C++ signature per op).
+std::tuple<at::Tensor, at::Tensor> sn_forward_cuda(const at::Tensor& weight, at::Tensor& u,
+                                                   at::Tensor& v, int64_t dim,
                                                    int64_t n_power_iterations, double eps,
                                                    double scale, bool update) {
   check_cuda("bsn_cuda::sn_forward", weight);
@@ -113,9 +115,8 @@ at::Tensor sn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight
   return run_backward(prep);
 }
 
-std::tuple<at::Tensor, at::Tensor> bsn_forward_cuda(const at::Tensor& weight,
-                                                    const at::Tensor& u0, const at::Tensor& v0,
-                                                    const at::Tensor& u1, const at::Tensor& v1,
+std::tuple<at::Tensor, at::Tensor> bsn_forward_cuda(const at::Tensor& weight, at::Tensor& u0,
+                                                    at::Tensor& v0, at::Tensor& u1, at::Tensor& v1,
                                                     int64_t n_power_iterations, double eps,
                                                     double scale, bool update) {
   check_cuda("bsn_cuda::bsn_forward", weight);
