@@ -8,13 +8,14 @@ Drop-in module API (see :mod:`bsn_cuda.nn`)::
     bsn_cuda.convert_spectral_norm(model)      # torch SN (both flavours) -> fused
     bsn_cuda.apply_spectral_norm(model, kind="bsn")
 
-Functional API with caller-held vectors: :mod:`bsn_cuda.functional`. Pure
+Functional API with caller-held vectors: :mod:`bsn_cuda.functional`; EMA
+copies that keep the power-iteration vectors unit-norm: :mod:`bsn_cuda.ema`. Pure
 PyTorch reference of the ops: :mod:`bsn_cuda.reference`. ``HAS_EXTENSION`` is
 False when the compiled ops could not be loaded (everything then runs the
 reference, with a RuntimeWarning at import).
 """
 
-from . import _ops, functional, reference
+from . import _ops, ema, functional, reference
 from ._ops import HAS_EXTENSION
 from .nn import (
     apply_spectral_norm,
@@ -23,6 +24,7 @@ from .nn import (
     get_sigma,
     remove_spectral_norm,
     spectral_norm,
+    spectral_norm_checkpoint_context,
 )
 
 __version__ = "0.1.0"
@@ -34,6 +36,8 @@ __all__ = [
     "convert_spectral_norm",
     "apply_spectral_norm",
     "get_sigma",
+    "spectral_norm_checkpoint_context",
+    "ema",
     "functional",
     "reference",
     "HAS_EXTENSION",

@@ -1,0 +1,144 @@
+"""Run csrc/cuda/kernels.cu on the CPU emulator and compare with bsn_cuda.reference."""
+import ctypes, itertools, os, sys, time
+import torch
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from bsn_cuda import reference
+
+LIB = ctypes.CDLL(os.environ.get("EMU_LIB", os.path.join(HERE, "build", "libemu.so")))
+I64P = ctypes.POINTER(ctypes.c_int64)
+LIB.emu_forward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_int]
+LIB.emu_backward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+MODES = {"auto": 0, "single": 1, "coop": 2, "multi": 3}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ACC = lambda dt: torch.float64 if dt == torch.float64 else torch.float32
+
+
+def ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def emu_fwd(w, vecs, bsn, dim, n_iter, eps, scale, update, mode="auto", sm=2, optin=232448, occ=2):
+    w = w.contiguous()
+    vecs = [v.clone() for v in vecs]
+    out = torch.empty_like(w)
+    if bsn:
+        n = reference.bsn_state_size(w.shape)
+    else:
+        n = reference.sn_state_size(w.shape, dim)
+    state = torch.full((n,), float("nan"), dtype=ACC(w.dtype))
+    shape = (ctypes.c_int64 * w.dim())(*w.shape)
+    u0, v0 = vecs[0], vecs[1]
+    u1, v1 = (vecs[2], vecs[3]) if bsn else (None, None)
+    rc = LIB.emu_forward(DT[w.dtype], ptr(w), ptr(u0), ptr(v0), ptr(u1), ptr(v1), ptr(out), ptr(state), shape, w.dim(), int(bsn), dim % w.dim(), n_iter, eps, scale, int(update), MODES[mode], sm, optin, occ)
+    assert rc >= 0, rc
+    return out, state, vecs, rc
+
+
+def emu_bwd(g, w, state, bsn, dim, scale, mode="auto", sm=2, occ=2):
+    gw = torch.full_like(w, float("nan"))
+    shape = (ctypes.c_int64 * w.dim())(*w.shape)
+    rc = LIB.emu_backward(DT[w.dtype], ptr(g.contiguous()), ptr(w.contiguous()), ptr(state), ptr(gw), shape, w.dim(), int(bsn), dim % w.dim(), scale, MODES[mode], sm, occ)
+    assert rc >= 0, rc
+    return gw, rc
+
+
+def close(a, e, dt, what, magnitude=0.0):
+    a, e = a.double(), e.double()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN positions differ"
+    f = ~torch.isnan(e)
+    sc = max(e[f].abs().max().item() if f.any() else 1.0, magnitude, 1e-30)
+    err = (a[f] - e[f]).abs().max().item() if f.any() else 0.0
+    assert err <= TOL[dt] * sc, f"{what}: err {err:.3e} > {TOL[dt]:.1e}*{sc:.3e}"
+
+
+def unit(n, dt, gen):
+    x = torch.randn(n, dtype=torch.float64, generator=gen)
+    return (x / x.norm()).to(dt)
+
+
+def vectors(shape, bsn, dim, dt, gen):
+    dims = (0, 1) if bsn else (dim % len(shape),)
+    out = []
+    numel = 1
+    for s in shape:
+        numel *= s
+    for d in dims:
+        out += [unit(shape[d], dt, gen), unit(numel // shape[d], dt, gen)]
+    return out
+
+
+def ref_fwd(w, vecs, bsn, dim, n_iter, eps, scale, update):
+    vecs = [v.clone() for v in vecs]
+    if bsn:
+        out, state = reference.bsn_forward(w, *vecs, n_iter, eps, scale, update)
+    else:
+        out, state = reference.sn_forward(w, *vecs, dim, n_iter, eps, scale, update)
+    return out, state, vecs
+
+
+def check_case(shape, bsn, dim, dt, n_iter, update, scale=1.3, modes=(("single", 2, 232448), ("coop", 2, 232448), ("multi", 2, 232448), ("coop", 5, 232448), ("multi", 1, 49152)), weight=None):
+    gen = torch.Generator().manual_seed(hash((shape, bsn, dim)) % 2**31)
+    w = weight if weight is not None else torch.randn(shape, dtype=torch.float64, generator=gen).to(dt)
+    vecs = vectors(shape, bsn, dim, dt, gen)
+    ro, rs, rv = ref_fwd(w, vecs, bsn, dim, n_iter, 1e-12, scale, update)
+    results = []
+    for mode, sm, optin in modes:
+        o, s, v, rc = emu_fwd(w, vecs, bsn, dim, n_iter, 1e-12, scale, update, mode, sm, optin)
+        results.append((o, s, v, rc))
+    base = results[0]
+    tag = f"{'bsn' if bsn else 'sn'} {shape} dim={dim} {dt} n={n_iter} update={update}"
+    if weight is None:
+        close(base[0], ro, dt, tag + " out")
+        close(base[1][:1], rs[:1], ACC(dt), tag + " sigma")
+        if bsn:
+            close(base[1][1:3], rs[1:3], ACC(dt), tag + " sigmas")
+        close(base[1], rs, dt, tag + " state")
+        for i, (a, e) in enumerate(zip(base[2], rv)):
+            close(a, e, dt, tag + f" vec{i}")
+    for (o, s, v, rc), m in zip(results[1:], modes[1:]):
+        assert torch.equal(o.nan_to_num(7.0), base[0].nan_to_num(7.0)), (tag, m, "out differs between modes")
+        assert torch.equal(s.nan_to_num(7.0), base[1].nan_to_num(7.0)), (tag, m, "state differs between modes")
+        for a, b in zip(v, base[2]):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (tag, m, "buffers differ between modes")
+    # backward with the emulated state
+    g = torch.randn(shape, dtype=torch.float64, generator=gen).to(dt)
+    state = base[1]
+    gws = [emu_bwd(g, w, state, bsn, dim, scale, m, sm)[0] for m, sm in (("single", 2), ("coop", 3), ("multi", 2))]
+    for x in gws[1:]:
+        assert torch.equal(x.nan_to_num(7.0), gws[0].nan_to_num(7.0)), (tag, "backward differs between modes")
+    if weight is None:
+        if bsn:
+            ref_g = reference.bsn_backward(g, w, state, scale)
+        else:
+            ref_g = reference.sn_backward(g, w, state, dim, scale)
+        sigma = abs(state[0].item()) or 1.0
+        close(gws[0], ref_g, dt, tag + " grad", g.double().abs().max().item() * scale / sigma)
+    return base, results
+
+
+SN = [((1, 1), 0), ((3, 5), 0), ((5, 3), 1), ((17, 33), -1), ((1, 100), 0), ((100, 1), 0), ((64, 27), 0), ((4, 3, 3, 3), 0),
+      ((4, 3, 3, 3), 1), ((4, 3, 3, 3), -1), ((6, 5, 1, 1), 0), ((7, 3, 5), 1), ((3, 4, 5, 6), 2), ((2, 3, 4, 3, 2), 3),
+      ((33, 65), 0), ((33, 65), 1), ((1000, 3), 0), ((1000, 3), 1), ((7, 5, 3, 3), 1), ((3, 5, 1, 1), 1), ((20, 300), 0),
+      ((5, 600), 1), ((300, 40), 1), ((2, 3, 300), 1), ((4, 2, 70), 1), ((40, 1000), 0), ((1, 3000), 0), ((3000, 2), 1),
+      ((9, 700, 3), 1)]
+BSN = [(1, 1, 3), (4, 3, 3, 3), (6, 5, 2), (3, 7, 3, 3), (5, 4, 1, 1), (2, 3, 4, 5, 3), (16, 8, 5, 5), (7, 5, 3, 3), (3, 5, 1, 1),
+       (5, 2, 64), (3, 2, 300), (30, 40, 3), (3, 400, 3), (40, 3, 9)]
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    dts = [torch.float32] if quick else [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    t0 = time.time()
+    count = 0
+    for dt in dts:
+        for (shape, dim) in (SN[:8] if quick else SN):
+            for n_iter, update in ((1, True), (3, True), (1, False)):
+                check_case(shape, False, dim, dt, n_iter, update)
+                count += 1
+        for shape in (BSN[:4] if quick else BSN):
+            for n_iter, update in ((1, True), (3, True), (1, False)):
+                check_case(shape, True, 0, dt, n_iter, update)
+                count += 1
+        print(dt, "ok", count, f"{time.time() - t0:.0f}s", flush=True)
+    print("ALL OK", count)
