@@ -1384,21 +1384,46 @@ def goals_text(result, markdown=False):
     return "\n".join(lines) if lines else "  (no goal applies to the suites/modes run)"
 
 
+def e2e_layer_estimates(result):
+    """SN cost per D step predicted from the sngan_resnet suite (fwd_bwd, the
+    conv and linear layers with their counts; the embedding is not in this D)."""
+    for r in result["e2e"]:
+        if r["variant"] == "none":
+            continue
+        recs = [m for m in result["measurements"] if m["suite"] == "sngan_resnet" and m["mode"] == "fwd_bwd"
+                and m["device"] == r["device"] and m["impl"] == r["variant"] and m["kind"] != "embedding"]
+        if recs and all("median_s" in m for m in recs):
+            r["sn_cost_from_layers_s"] = sum(m["median_s"] * m["count"] for m in recs)
+            if "median_s" in r:
+                r["sn_share_from_layers"] = r["sn_cost_from_layers_s"] / r["median_s"]
+
+
 def e2e_table(result, markdown=False):
     rows = []
+    base = {r["device"]: r for r in result["e2e"] if r["variant"] == "none" and "median_s" in r}
     for r in result["e2e"]:
         if "median_s" not in r:
-            rows.append([r["device"], r["label"], f"2x{r['batch']}", "ERR", "", r.get("error", "-")[:80], ""])
+            rows.append([r["device"], r["label"], f"2x{r['batch']}", "ERR", "", r.get("error", "-")[:80], "", ""])
             continue
         share = r.get("sn_share")
+        over = "-"
+        if r.get("sn_overhead_s") is not None:
+            b = base.get(r["device"])
+            noise = max(r["iqr_s"], b["iqr_s"] if b else 0.0)
+            over = f"{r['sn_overhead_s'] * 1e3:.1f} ({100 * share:.0f}%)"
+            if abs(r["sn_overhead_s"]) < noise:
+                over += " ~noise"
+        est = "-"
+        if r.get("sn_cost_from_layers_s") is not None:
+            est = f"{r['sn_cost_from_layers_s'] * 1e3:.2f} ({100 * r['sn_share_from_layers']:.1f}%)"
         rows.append([
-            r["device"], r["label"], f"2x{r['batch']}", f"{r['median_s'] * 1e3:.1f}" + ("!" if r.get("contended") else ""),
-            f"{r['iqr_s'] * 1e3:.1f}",
-            "-" if r.get("sn_overhead_s") is None else f"{r['sn_overhead_s'] * 1e3:.1f} ({100 * share:.0f}%)",
+            r["device"], r["label"], f"2x{r['batch']}",
+            f"{r['median_s'] * 1e3:.1f}" + ("!" if r.get("contended") else ""),
+            f"{r['iqr_s'] * 1e3:.1f}", over, est,
             _fmt_x(r.get("step_speedup_vs_torch_sn")),
         ])
     headers = ["device", "variant", "batch (real+fake)", "step ms (median)", "IQR ms", "SN overhead ms (share)",
-               "step x torchSN"]
+               "SN fwd+bwd from layers ms (share)", "step x torchSN"]
     return _md_table(headers, rows) if markdown else _table(headers, rows)
 
 
@@ -1409,6 +1434,7 @@ def env_text(result):
         f"CPU: {e['cpu_model']} ({e['cpu_count']} cores), torch threads {e['torch_num_threads']}, "
         f"load avg {tuple(round(x, 2) for x in e['loadavg']) if e.get('loadavg') else '-'}",
         f"bsn_cuda: HAS_EXTENSION={e.get('has_extension')}, git {e.get('git_commit') or '-'}, {e['date']}",
+        f"malloc: {e.get('malloc', 'default')}",
     ]
     for d, info in e["devices"].items():
         extra = ""
@@ -1467,7 +1493,9 @@ def to_markdown(result):
             "### End-to-end: SNGAN ResNet D (ch=128) training step",
             "",
             "Hinge loss, Adam, one forward of real and fake images together (32x32). "
-            "SN overhead = step time minus the step without SN.",
+            "SN overhead = step time minus the step without SN (`~noise`: smaller than the IQR); "
+            "'from layers' = the sngan_resnet suite's fwd+bwd times of the same layers, summed with "
+            "their counts (a steadier estimate of the SN cost per step).",
             "",
             e2e_table(result, markdown=True),
             "",
@@ -1569,6 +1597,23 @@ def _print_goals_and_summary(result, write):
 # Driver
 # --------------------------------------------------------------------------
 
+def tune_malloc():
+    """glibc: keep freed memory in the process (no heap trimming, allocations up
+    to 32 MiB from the heap) so that repeated calls do not page-fault fresh
+    memory in. Returns a description, or None where it does not apply."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and mallopt(M_TRIM_THRESHOLD, 2**30) == 1
+    return "glibc mallopt: M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=1GiB" if ok else None
+
+
 def _parse_list(value, allowed, what):
     if value in (None, "all"):
         return list(allowed)
@@ -1608,6 +1653,10 @@ def build_parser():
     p.add_argument("--max-wait", type=float, default=None,
                    help="CPU: seconds the whole run may spend waiting for other processes to go quiet "
                         "before a retry [900; --quick: 5]")
+    p.add_argument("--malloc-tune", action="store_true",
+                   help="CPU (glibc): stop malloc from returning freed memory to the OS between calls "
+                        "(no heap trimming, mmap threshold 32 MiB), as in a long-running training process; "
+                        "where page faults are expensive (VMs) the default allocator adds them to every call")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush L2 before each timed call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -1631,6 +1680,9 @@ def run(args):
     """Run the benchmark for parsed arguments; returns the result dict."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = tune_malloc() if args.malloc_tune else None
+    if args.malloc_tune and malloc is None:
+        print("--malloc-tune: not a glibc system, allocator left as it is", flush=True)
     devices = _devices(args.device)
     suites = _parse_list(args.suite, ALL_SUITES, "suite") if args.suite else (
         QUICK_SUITES if args.quick else list(ALL_SUITES))
@@ -1650,6 +1702,7 @@ def run(args):
                          min_time=0.02 if args.quick else 0.1, max_time=1.0)
 
     env = environment(devices)
+    env["malloc"] = malloc or "default"
     result = {
         "schema": "bsn_cuda.benchmark/1",
         "env": env,
@@ -1719,6 +1772,7 @@ def run(args):
     except OSError:
         env["loadavg_end"] = None
     if result["e2e"]:
+        e2e_layer_estimates(result)
         print("\n== end-to-end: SNGAN ResNet D (ch=128) training step (hinge, Adam) ==")
         print(e2e_table(result))
     if result["summary"]:

@@ -1024,17 +1024,13 @@ Mode resolve_mode(Mode requested, int64_t numel, const DeviceInfo& dev) {
 // ---------------------------------------------------------------------------
 // Plans.
 
-ForwardPlan make_forward_plan(const ForwardParams& p, int acc_size, const DeviceInfo& dev,
-                              Mode mode) {
-  TORCH_CHECK(p.num_pairs == 1 || p.num_pairs == 2, "bsn_cuda: bad num_pairs ", p.num_pairs);
-  TORCH_CHECK(acc_size == 4 || acc_size == 8, "bsn_cuda: bad acc_size ", acc_size);
-  TORCH_CHECK(p.numel > 0 && p.n_power_iterations >= 1, "bsn_cuda: bad forward params");
-  ForwardPlan P;
-  const Matricization* mat = p.mat;
-  P.update = p.update ? 1 : 0;
-  P.n_iter = p.n_power_iterations;
-  P.numel = p.numel;
-  if (p.num_pairs == 2) {
+namespace {
+// The pairs' structure, shared by the forward and backward plans: the row view
+// [rows, cols] of W, and for a strided pair W as [rows, sm, sr].
+template <typename Plan>
+void fill_structure(Plan& P, const Matricization* mat, int num_pairs, int64_t numel) {
+  P.numel = numel;
+  if (num_pairs == 2) {
     TORCH_CHECK(mat[0].outer == 1 && mat[1].outer == mat[0].rows &&
                     mat[1].rows * mat[1].inner == mat[0].inner,
                 "bsn_cuda: inconsistent BSN matricizations");
@@ -1057,13 +1053,26 @@ ForwardPlan make_forward_plan(const ForwardParams& p, int acc_size, const Device
     P.sr = mat[0].inner;
     P.cols = P.sm * P.sr;
   }
-  TORCH_CHECK(P.rows >= 1 && P.cols >= 1 && P.sm >= 1 && P.sr >= 1 && P.rows * P.cols == p.numel,
+  TORCH_CHECK(P.rows >= 1 && P.cols >= 1 && P.sm >= 1 && P.sr >= 1 && P.rows * P.cols == numel,
               "bsn_cuda: matricization does not match numel");
-  P.sv = P.has_str ? P.rows * P.sr : 0;
-  for (int k = 0; k < p.num_pairs; ++k) {
-    P.st_u[k] = state_u_offset(mat, p.num_pairs, k);
-    P.st_v[k] = state_v_offset(mat, p.num_pairs, k);
+  for (int k = 0; k < num_pairs; ++k) {
+    P.st_u[k] = state_u_offset(mat, num_pairs, k);
+    P.st_v[k] = state_v_offset(mat, num_pairs, k);
   }
+}
+}  // namespace
+
+ForwardPlan make_forward_plan(const ForwardParams& p, int acc_size, const DeviceInfo& dev,
+                              Mode mode) {
+  TORCH_CHECK(p.num_pairs == 1 || p.num_pairs == 2, "bsn_cuda: bad num_pairs ", p.num_pairs);
+  TORCH_CHECK(acc_size == 4 || acc_size == 8, "bsn_cuda: bad acc_size ", acc_size);
+  TORCH_CHECK(p.numel > 0 && p.n_power_iterations >= 1, "bsn_cuda: bad forward params");
+  ForwardPlan P;
+  const Matricization* mat = p.mat;
+  P.update = p.update ? 1 : 0;
+  P.n_iter = p.n_power_iterations;
+  fill_structure(P, mat, p.num_pairs, p.numel);
+  P.sv = P.has_str ? P.rows * P.sr : 0;
   const int64_t E = p.numel;
   const int64_t scratch = int64_t{kSmemAccOffset} * acc_size;
   const int64_t cap = imin(kSmemCap, dev.smem_optin);
@@ -1146,36 +1155,7 @@ BackwardPlan make_backward_plan(const BackwardParams& p, int acc_size, const Dev
   TORCH_CHECK(p.numel > 0, "bsn_cuda: bad backward params");
   BackwardPlan P;
   const Matricization* mat = p.mat;
-  P.numel = p.numel;
-  if (p.num_pairs == 2) {
-    TORCH_CHECK(mat[0].outer == 1 && mat[1].outer == mat[0].rows &&
-                    mat[1].rows * mat[1].inner == mat[0].inner,
-                "bsn_cuda: inconsistent BSN matricizations");
-    P.has_row = 1;
-    P.has_str = 1;
-    P.row_pair = 0;
-    P.str_pair = 1;
-    P.rows = mat[0].rows;
-    P.cols = mat[0].cols();
-    P.sm = mat[1].rows;
-    P.sr = mat[1].inner;
-  } else if (mat[0].outer == 1) {
-    P.has_row = 1;
-    P.rows = mat[0].rows;
-    P.cols = mat[0].cols();
-  } else {
-    P.has_str = 1;
-    P.rows = mat[0].outer;
-    P.sm = mat[0].rows;
-    P.sr = mat[0].inner;
-    P.cols = P.sm * P.sr;
-  }
-  TORCH_CHECK(P.rows >= 1 && P.cols >= 1 && P.sm >= 1 && P.sr >= 1 && P.rows * P.cols == p.numel,
-              "bsn_cuda: matricization does not match numel");
-  for (int k = 0; k < p.num_pairs; ++k) {
-    P.st_u[k] = state_u_offset(mat, p.num_pairs, k);
-    P.st_v[k] = state_v_offset(mat, p.num_pairs, k);
-  }
+  fill_structure(P, mat, p.num_pairs, p.numel);
   if (P.has_str) {
     P.tj = P.sm;
     P.tr = P.sr;
