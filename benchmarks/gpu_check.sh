@@ -15,7 +15,7 @@
 # TIMEOUT / SKIP per step; the exit status is non-zero if any step did not pass
 # (SKIP: tool or module not present).
 #
-# Environment: PYTHON (default: python), BSN_CHECK_BUDGET (seconds, default 345),
+# Environment: PYTHON (default: python3), BSN_CHECK_BUDGET (seconds, default 345),
 # MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default 9.0).
 set -uo pipefail
 
@@ -29,7 +29,7 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}  # the GPU image's python3 is the one with torch
 BUDGET=${BSN_CHECK_BUDGET:-345}
 START=$(date +%s)
 SUMMARY=$OUTDIR/summary.txt

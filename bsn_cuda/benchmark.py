@@ -1693,7 +1693,7 @@ def run(args):
     retries = args.retries if args.retries is not None else (1 if args.quick else CONTENTION_RETRIES)
     _WaitBudget.left = float(args.max_wait if args.max_wait is not None else (5 if args.quick else 900))
     if args.quick:
-        budget = Budget(warmup=2, min_reps=5, max_reps=60, min_time=0.02, max_time=0.3)
+        budget = Budget(warmup=3, min_reps=10, max_reps=100, min_time=0.05, max_time=0.3)
         e2e_batch, e2e_warmup, e2e_reps = args.e2e_batch or 8, 1, args.e2e_reps or 3
     else:
         budget = Budget(warmup=3, min_reps=10, max_reps=300, min_time=0.25, max_time=3.0)
