@@ -56,6 +56,27 @@ def reference_only(monkeypatch):
     monkeypatch.setattr(_ops, "OP_DEVICES", frozenset())
 
 
+# Op results against the reference: max error relative to the largest expected value.
+OP_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close(actual, expected, dtype, what="", magnitude=0.0, factor=1.0):
+    """|actual - expected| <= factor * OP_TOL[dtype] * max(max|expected|, magnitude); NaN positions must match.
+
+    ``magnitude`` is the size of the terms that cancel in ``expected`` (for a
+    gradient ``a G - k D``: ``max|a G|``), where ``expected`` itself can be ~0.
+    """
+    assert actual.shape == expected.shape, what
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN positions differ"
+    finite = ~torch.isnan(e)
+    scale = e[finite].abs().max().item() if finite.any() else 1.0
+    scale = max(scale, magnitude, 1e-30)
+    err = (a[finite] - e[finite]).abs().max().item() if finite.any() else 0.0
+    tol = factor * OP_TOL[dtype]
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
 def random_unit(n, dtype, device, generator=None):
     x = torch.randn(n, dtype=torch.float64, generator=generator).to(device)
     return (x / x.norm()).to(dtype)

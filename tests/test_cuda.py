@@ -25,6 +25,7 @@ import os
 
 import pytest
 import torch
+from conftest import assert_close
 
 import bsn_cuda
 from bsn_cuda import _ops, reference
@@ -45,7 +46,6 @@ if not _cuda_kernels_registered():
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 MODES = ("single", "coop", "multi")
 
 
@@ -65,18 +65,6 @@ def cuda_mode(mode):
             os.environ.pop("BSN_CUDA_MODE", None)
         else:
             os.environ["BSN_CUDA_MODE"] = old
-
-
-def assert_close(actual, expected, dtype, what="", magnitude=0.0, factor=1.0):
-    """|actual - expected| <= factor * TOL[dtype] * max(max|expected|, magnitude); NaNs must match."""
-    assert actual.shape == expected.shape, what
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN positions differ"
-    finite = ~torch.isnan(e)
-    scale = e[finite].abs().max().item() if finite.any() else 1.0
-    scale = max(scale, magnitude, 1e-30)
-    err = (a[finite] - e[finite]).abs().max().item() if finite.any() else 0.0
-    assert err <= factor * TOL[dtype] * scale, f"{what}: max error {err:.3e} > {factor * TOL[dtype]:.1e} * {scale:.3e}"
 
 
 def assert_equal(a, b, what):

@@ -15,12 +15,11 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICES, random_unit, requires_ops
+from conftest import DEVICES, assert_close, random_unit, requires_ops
 
 import bsn_cuda
 from bsn_cuda import _ops, reference
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # (shape, dim). Odd sizes, degenerate rows/cols, all dims, and sizes large
@@ -47,22 +46,6 @@ SN_CASES = [
 BSN_CASES = [(1, 1, 3), (4, 3, 3, 3), (6, 5, 2), (3, 7, 3, 3), (5, 4, 1, 1), (2, 3, 4, 5, 3), (16, 8, 5, 5), (128, 64, 3, 3)]
 QUICK_SN_CASES = [((17, 33), 0), ((4, 3, 3, 3), 1), ((3, 4, 5, 6), 2), ((128, 64, 3, 3), 0)]
 QUICK_BSN_CASES = [(4, 3, 3, 3), (6, 5, 2), (128, 64, 3, 3)]
-
-
-def assert_close(actual, expected, dtype, what="", magnitude=0.0):
-    """|actual - expected| <= TOL[dtype] * max(max|expected|, magnitude) (NaN positions must match).
-
-    ``magnitude`` is the size of the terms that cancel in ``expected`` (for a
-    gradient ``a G - k D``: ``max|a G|``), where ``expected`` itself can be ~0.
-    """
-    assert actual.shape == expected.shape, what
-    a, e = actual.double(), expected.double()
-    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN positions differ"
-    finite = ~torch.isnan(e)
-    scale = e[finite].abs().max().item() if finite.any() else 1.0
-    scale = max(scale, magnitude, 1e-30)
-    err = (a[finite] - e[finite]).abs().max().item() if finite.any() else 0.0
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3e} > {TOL[dtype]:.1e} * {scale:.3e}"
 
 
 def _warm_vectors(weight, dims, generator, iterations=5):

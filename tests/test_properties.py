@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import requires_ops
+from conftest import assert_close, requires_ops
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +22,6 @@ from bsn_cuda import reference
 
 pytestmark = requires_ops
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 SETTINGS = settings(
     max_examples=100,
     deadline=None,
@@ -35,15 +34,8 @@ LAYOUTS = st.sampled_from(["contiguous", "permuted", "sliced", "expanded"])
 
 
 def _assert_close(actual, expected, dtype, what, magnitude=0.0):
-    assert actual.shape == expected.shape, what
     assert actual.dtype == expected.dtype, what
-    a, e = actual.double(), expected.double()
-    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN positions differ"
-    finite = ~torch.isnan(e)
-    scale = e[finite].abs().max().item() if finite.any() else 1.0
-    scale = max(scale, magnitude, 1e-30)
-    err = (a[finite] - e[finite]).abs().max().item() if finite.any() else 0.0
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3e} > {TOL[dtype]:.1e} * {scale:.3e}"
+    assert_close(actual, expected, dtype, what, magnitude)
 
 
 def _make_weight(shape, dtype, layout, seed, zero_rows):
