@@ -4,10 +4,11 @@
   everything runs :mod:`bsn_cuda.reference` and a RuntimeWarning says so once;
 * registers the fake (meta) kernels, so the ops work under torch.compile,
   export and FakeTensor tracing;
-* registers autograd: a Python kernel at the ``Autograd`` key for the two
-  forwards (``torch.library.register_autograd`` refuses ops that mutate inputs,
-  and these update ``u``/``v`` in place) and ``register_autograd`` formulas for
-  the two (functional) backward ops, so double backward works;
+* registers autograd for the two (functional) backward ops, so double
+  backward works. (The autograd of the two forwards, which update ``u``/``v``
+  in place, is a C++ kernel at the ``Autograd`` key in ``csrc/autograd.cpp``:
+  ``register_autograd`` refuses ops that mutate inputs, and a Python kernel
+  there costs more per call than the fused kernel itself on small layers.)
 * provides :func:`sn_forward` / :func:`bsn_forward`, the entry points the rest
   of the package calls: the op where a kernel is registered for the weight's
   device, else the reference (differentiable by itself).
@@ -174,102 +175,6 @@ def _fake_bsn_backward(grad_out, weight, state, scale):
 
 
 # ---------------------------------------------------------------------------
-# Autograd of the forwards: a kernel at the Autograd key, as torch's own
-# custom_op generates (torch/_library/autograd.py), written out because
-# register_autograd does not accept ops with mutable arguments.
-
-
-def _check_buffers_do_not_require_grad(op, named_vectors):
-    for name, vec in named_vectors:
-        if not isinstance(vec, torch.Tensor):  # the Python binding lets None through as an undefined tensor
-            raise RuntimeError(f"bsn_cuda::{op}: expected {name} to be a tensor, got {type(vec).__name__}")
-        if vec.requires_grad:
-            raise RuntimeError(
-                f"bsn_cuda::{op}: expected {name} not to require grad (it is a power-iteration "
-                f"buffer updated in place; only the weight is differentiable), got requires_grad=True"
-            )
-
-
-def _check_is_tensor(op, name, value):
-    if not isinstance(value, torch.Tensor):
-        raise RuntimeError(f"bsn_cuda::{op}: expected {name} to be a tensor, got {type(value).__name__}")
-
-
-def _bump_versions(tensors):
-    # The kernels write u/v through raw pointers; tell autograd, as torch's own
-    # in-place ops do, so that a stale saved copy is detected. Inference tensors
-    # have no version counter.
-    for t in tensors:
-        if not t.is_inference():
-            torch.autograd.graph.increment_version(t)
-
-
-def _redispatch_below_autograd(op, keyset, args):
-    with torch._C._AutoDispatchBelowAutograd():
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-
-class _SNForwardFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, keyset, weight, u, v, dim, n_power_iterations, eps, scale, update):
-        out, state = _redispatch_below_autograd(
-            torch.ops.bsn_cuda.sn_forward.default, keyset, (weight, u, v, dim, n_power_iterations, eps, scale, update)
-        )
-        ctx.save_for_backward(weight, state)
-        ctx.mark_non_differentiable(state)
-        ctx.dim = dim
-        ctx.scale = scale
-        return out, state
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_state):
-        weight, state = ctx.saved_tensors
-        grad_weight = torch.ops.bsn_cuda.sn_backward.default(grad_out, weight, state, ctx.dim, ctx.scale)
-        return None, grad_weight, None, None, None, None, None, None, None
-
-
-class _BSNForwardFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, keyset, weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
-        out, state = _redispatch_below_autograd(
-            torch.ops.bsn_cuda.bsn_forward.default,
-            keyset,
-            (weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update),
-        )
-        ctx.save_for_backward(weight, state)
-        ctx.mark_non_differentiable(state)
-        ctx.scale = scale
-        return out, state
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_state):
-        weight, state = ctx.saved_tensors
-        grad_weight = torch.ops.bsn_cuda.bsn_backward.default(grad_out, weight, state, ctx.scale)
-        return None, grad_weight, None, None, None, None, None, None, None, None
-
-
-def _sn_forward_autograd(keyset, weight, u, v, dim, n_power_iterations, eps, scale, update):
-    _check_is_tensor("sn_forward", "weight", weight)
-    _check_buffers_do_not_require_grad("sn_forward", (("u", u), ("v", v)))
-    _bump_versions((u, v))
-    if torch.is_grad_enabled() and weight.requires_grad:
-        return _SNForwardFunction.apply(keyset, weight, u, v, dim, n_power_iterations, eps, scale, update)
-    return _redispatch_below_autograd(
-        torch.ops.bsn_cuda.sn_forward.default, keyset, (weight, u, v, dim, n_power_iterations, eps, scale, update)
-    )
-
-
-def _bsn_forward_autograd(keyset, weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
-    _check_is_tensor("bsn_forward", "weight", weight)
-    _check_buffers_do_not_require_grad("bsn_forward", (("u0", u0), ("v0", v0), ("u1", u1), ("v1", v1)))
-    _bump_versions((u0, v0, u1, v1))
-    args = (weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
-    if torch.is_grad_enabled() and weight.requires_grad:
-        return _BSNForwardFunction.apply(keyset, *args)
-    return _redispatch_below_autograd(torch.ops.bsn_cuda.bsn_forward.default, keyset, args)
-
-
-# ---------------------------------------------------------------------------
 # Autograd of the backward ops (double backward). With u, v constant and
 # sigma = <D, W> (D = d sigma / d W from the state), the backward is
 #     B(G, W) = a G - (a c / sigma) D,   a = scale / sigma, c = <G, W>
@@ -335,8 +240,6 @@ def _bsn_backward_backward(ctx, grad_grad):
 
 def _register():
     lib = torch.library.Library(_NAMESPACE, "IMPL")
-    lib.impl("sn_forward", _sn_forward_autograd, "Autograd", with_keyset=True)
-    lib.impl("bsn_forward", _bsn_forward_autograd, "Autograd", with_keyset=True)
     for name, fake in (
         ("sn_forward", _fake_sn_forward),
         ("bsn_forward", _fake_bsn_forward),

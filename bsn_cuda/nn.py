@@ -110,7 +110,7 @@ def _in_backward_pass():
 
 
 class _AccSigmaMixin:
-    """Keeps the logging buffers ``_sigma``/``_sigmas`` in the accumulation dtype
+    """Keeps the logging buffer ``_sigma``/``_sigmas`` in the accumulation dtype
     (float32, float64 for float64 weights) across ``module.to(dtype)``/``.half()``."""
 
     def _apply(self, fn, *args, **kwargs):
@@ -155,7 +155,9 @@ class SpectralNorm(_AccSigmaMixin, nn.Module):
         self.scale = float(scale)
         self.n_power_iterations = n_power_iterations
         acc = reference.acc_dtype(weight.dtype)
-        self.register_buffer("_sigma", torch.full((), math.nan, dtype=acc, device=weight.device), persistent=False)
+        # [sigma] of the last forward, for get_sigma (a 1-element tensor, so that
+        # one out= copy from the op's state fills it).
+        self.register_buffer("_sigma", torch.full((1,), math.nan, dtype=acc, device=weight.device), persistent=False)
         if ndim > 1:
             rows = weight.shape[self.dim]
             cols = weight.numel() // rows
@@ -175,7 +177,8 @@ class SpectralNorm(_AccSigmaMixin, nn.Module):
                     self.register_buffer("_v", v.detach().clone(memory_format=torch.contiguous_format))
 
     def normalize(self, weight, update):
-        """``(W_sn, state)``; ``update`` runs the power iteration (training)."""
+        """``(W_sn, state)``; ``update`` runs the power iteration (training).
+        ``state[0]`` is sigma (see docs/design.md for the rest)."""
         if weight.ndim == 1:
             out = reference.normalize_vector(weight, self.eps, self.scale)
             return out, torch.linalg.vector_norm(weight.detach().to(self._sigma.dtype)).reshape(1)
@@ -183,12 +186,16 @@ class SpectralNorm(_AccSigmaMixin, nn.Module):
             weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.scale, update
         )
 
+    def _record_sigma(self, state):
+        # One out= copy, no grad-mode switch: state is never differentiable, and
+        # this runs on every forward (torch.compile turns it into a buffer update).
+        torch.narrow_copy(state, 0, 0, 1, out=self._sigma)
+
     def forward(self, weight):
         if _in_backward_pass():  # a checkpoint recomputation: no second update
             return self.normalize(weight, False)[0]
         out, state = self.normalize(weight, self.training)
-        with torch.no_grad():
-            self._sigma.copy_(state[0])
+        self._record_sigma(state)
         return out
 
     @torch.no_grad()
@@ -196,12 +203,12 @@ class SpectralNorm(_AccSigmaMixin, nn.Module):
         """Run ``n_power_iterations`` power iterations on ``_u``/``_v`` for ``weight``
         (in place, no gradient) and record the resulting sigma (see :mod:`bsn_cuda.ema`)."""
         if weight.ndim == 1:
-            self._sigma.copy_(torch.linalg.vector_norm(weight.to(self._sigma.dtype)))
+            self._record_sigma(torch.linalg.vector_norm(weight.to(self._sigma.dtype)).reshape(1))
             return
         _, state = _ops.sn_forward(
             weight.detach(), self._u, self._v, self.dim, n_power_iterations, self.eps, self.scale, True
         )
-        self._sigma.copy_(state[0])
+        self._record_sigma(state)
 
     def right_inverse(self, value):
         return value
@@ -218,8 +225,8 @@ class BidirectionalSpectralNorm(_AccSigmaMixin, nn.Module):
     buffers ``_u1``, ``_v1``). Weights whose two matricizations are transposes
     of each other (2-D, 1x1 kernels) use SN along dim 0 with ``_u0``/``_v0``
     only. Buffers are drawn (pair 0, then pair 1, ``u`` before ``v``) and
-    warmed up (15 iterations) like torch's SN. ``_sigma`` holds the last sigma
-    and ``_sigmas`` the pair ``(sigma_0, sigma_1)`` (not in the ``state_dict``).
+    warmed up (15 iterations) like torch's SN. ``_sigmas`` holds
+    ``[sigma, sigma_0, sigma_1]`` of the last forward (not in the ``state_dict``).
     A weight with sigma 0 gives ``scale * W``; 1-D weights:
     ``W / max(||W||, eps) * scale``. Activation checkpointing: as
     :class:`SpectralNorm`.
@@ -234,9 +241,11 @@ class BidirectionalSpectralNorm(_AccSigmaMixin, nn.Module):
         self.scale = float(scale)
         self.n_power_iterations = n_power_iterations
         self.single = weight.ndim >= 2 and uses_single_matricization(weight.shape)
+        # The op state's header [sigma, sigma_0, sigma_1] (two matricizations) or
+        # [sigma] (one); see _record_sigmas.
+        self._header = 3 if weight.ndim >= 2 and not self.single else 1
         acc = reference.acc_dtype(weight.dtype)
-        self.register_buffer("_sigma", torch.full((), math.nan, dtype=acc, device=weight.device), persistent=False)
-        self.register_buffer("_sigmas", torch.full((2,), math.nan, dtype=acc, device=weight.device), persistent=False)
+        self.register_buffer("_sigmas", torch.full((3,), math.nan, dtype=acc, device=weight.device), persistent=False)
         if weight.ndim < 2:
             return
         with torch.no_grad():
@@ -257,21 +266,25 @@ class BidirectionalSpectralNorm(_AccSigmaMixin, nn.Module):
         )
 
     def normalize(self, weight, update):
-        """``(W_bsn, sigmas)`` with ``sigmas = [sigma, sigma_0, sigma_1]``."""
+        """``(W_bsn, state)``: the op's state, whose header is ``[sigma, sigma_0,
+        sigma_1]`` with two matricizations and ``[sigma]`` with one."""
         if weight.ndim == 1:
             out = reference.normalize_vector(weight, self.eps, self.scale)
-            return out, torch.linalg.vector_norm(weight.detach().to(self._sigma.dtype)).expand(3)
-        out, state = self._run(weight, self.n_power_iterations, update)
-        # With one matricization, sigma_0 == sigma_1 == sigma.
-        return out, (state[:1].expand(3) if self.single else state[:3])
+            return out, torch.linalg.vector_norm(weight.detach().to(self._sigmas.dtype)).reshape(1)
+        return self._run(weight, self.n_power_iterations, update)
+
+    def _record_sigmas(self, state):
+        # As SpectralNorm._record_sigma; with one matricization sigma_0 == sigma_1 == sigma.
+        if self._header == 3:
+            torch.narrow_copy(state, 0, 0, 3, out=self._sigmas)
+        else:
+            self._sigmas.copy_(state[:1])
 
     def forward(self, weight):
         if _in_backward_pass():  # a checkpoint recomputation: no second update
             return self.normalize(weight, False)[0]
-        out, sigmas = self.normalize(weight, self.training)
-        with torch.no_grad():
-            self._sigma.copy_(sigmas[0])
-            self._sigmas.copy_(sigmas[1:3])
+        out, state = self.normalize(weight, self.training)
+        self._record_sigmas(state)
         return out
 
     @torch.no_grad()
@@ -279,14 +292,10 @@ class BidirectionalSpectralNorm(_AccSigmaMixin, nn.Module):
         """Run ``n_power_iterations`` power iterations on the vectors for ``weight``
         (in place, no gradient) and record the resulting sigmas (see :mod:`bsn_cuda.ema`)."""
         if weight.ndim == 1:
-            norm = torch.linalg.vector_norm(weight.to(self._sigma.dtype))
-            self._sigma.copy_(norm)
-            self._sigmas.copy_(norm.expand(2))
+            self._record_sigmas(torch.linalg.vector_norm(weight.to(self._sigmas.dtype)).reshape(1))
             return
         _, state = self._run(weight.detach(), n_power_iterations, True)
-        sigmas = state[:1].expand(3) if self.single else state[:3]
-        self._sigma.copy_(sigmas[0])
-        self._sigmas.copy_(sigmas[1:3])
+        self._record_sigmas(state)
 
     def right_inverse(self, value):
         return value
@@ -603,20 +612,23 @@ def apply_spectral_norm(model, kind="sn", n_power_iterations=1, eps=1e-12, scale
 def get_sigma(module, name="weight", per_matricization=False):
     """The sigma of the last forward of ``module.<name>``'s SN/BSN, for logging.
 
-    A detached copy (float32, or float64 for float64 weights; it follows later
-    dtype casts of the module). It is the raw estimate: 0 for an all-zero
-    weight (the output then is ``scale * W``), NaN for a non-finite one. For
-    1-D weights it is ``||W||``. It is a non-persistent buffer written in
-    place by the forward, so it is not in the ``state_dict`` and works under
-    torch.compile and CUDA graphs. With ``per_matricization=True`` (BSN only) returns ``[sigma_0, sigma_1]``,
-    the estimates for ``W_mat(0)`` and ``W_mat(1)``.
+    A detached 0-d copy (float32, or float64 for float64 weights; it follows
+    later dtype casts of the module). It is the raw estimate: 0 for an
+    all-zero weight (the output then is ``scale * W``), NaN for a non-finite
+    one, NaN before the first forward. For 1-D weights it is ``||W||``. It
+    lives in a non-persistent buffer (``_sigma`` for SN, ``_sigmas`` for BSN)
+    written in place by the forward, so it is not in the ``state_dict`` and
+    works under torch.compile and CUDA graphs. With
+    ``per_matricization=True`` (BSN only) returns ``[sigma_0, sigma_1]``, the
+    estimates for ``W_mat(0)`` and ``W_mat(1)``.
     """
     norm = _find_ours(module, name)
+    if isinstance(norm, BidirectionalSpectralNorm):
+        sigmas = norm._sigmas.detach()
+        return (sigmas[1:3] if per_matricization else sigmas[0]).clone()
     if per_matricization:
-        if not isinstance(norm, BidirectionalSpectralNorm):
-            raise ValueError("per_matricization=True needs bidirectional_spectral_norm; this module uses spectral_norm")
-        return norm._sigmas.detach().clone()
-    return norm._sigma.detach().clone()
+        raise ValueError("per_matricization=True needs bidirectional_spectral_norm; this module uses spectral_norm")
+    return norm._sigma.detach()[0].clone()
 
 
 def _save_spectral_norm_policy(ctx, op, *args, **kwargs):

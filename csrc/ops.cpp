@@ -1,5 +1,6 @@
 // The op schemas, declared once. Backends register in csrc/cpu and csrc/cuda;
-// fake kernels and autograd live in bsn_cuda/_ops.py.
+// fake kernels live in bsn_cuda/_ops.py, autograd in csrc/autograd.cpp (forwards) and
+// bsn_cuda/_ops.py (double backward).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -55,6 +55,14 @@ void for_chunks(int64_t count, const F& f) {
   }
 }
 
+// The k-th of chunks [c0, c1), visited in reverse when `reverse`. Passes over W
+// alternate their direction: each thread gets the same chunk range in every
+// pass (same count, same static split), so the chunks a thread read last are
+// still in its cache when the next pass starts there.
+inline int64_t chunk_at(int64_t c0, int64_t c1, int64_t k, bool reverse) {
+  return reverse ? c1 - 1 - (k - c0) : k;
+}
+
 // A pointer to n values of src as acc type: src itself when it already is,
 // else a conversion into scratch.
 template <typename T, typename A>
@@ -82,12 +90,12 @@ void sum_partials(const std::vector<A>& partial, int64_t chunks, int64_t n, A* o
   });
 }
 
-// Length of the blocks a row of BSN's dim-0 matricization is cut into, so that
-// a pattern of period r (a dim-1 vector segment) lines up with every block: a
-// multiple of r and of the widest vector (16 floats), about 1K elements so each
-// primitive call does real work.
+// BSN's dim-1 vectors enter the dim-0 rows periodically: a segment of length
+// r (the trailing kernel size) repeats along a row. The kernels tile it over
+// the smallest period that is a multiple of r and of the widest vector (16
+// floats), so that every period starts vector-aligned.
 int64_t pattern_period(int64_t r) { return r / std::gcd(r, int64_t{16}) * 16; }
-// period * 2^j, so that a block folds onto one period by halving.
+// period * 2^j of about 1K elements: the block pass 2 accumulates over.
 int64_t pattern_block(int64_t r) {
   const int64_t period = pattern_period(r);
   int64_t block = period;
@@ -95,10 +103,27 @@ int64_t pattern_block(int64_t r) {
   return block;
 }
 
-// pattern[k] = src[k % r] for k < n: one copy of src, then doubling copies.
+// [x[0] (times r), x[1] (times r), ..., x[n - 1] (times r)]
+template <typename A>
+std::vector<A> repeat_each(const A* x, int64_t n, int64_t r) {
+  std::vector<A> out(n * r);
+  for (int64_t j = 0; j < n; ++j) std::fill_n(out.begin() + j * r, r, x[j]);
+  return out;
+}
+
+// pattern[k] = src[k % r] for k < n, n a multiple of r. Unrolled copies for the
+// common 3x3 and 4x4 kernels (this runs once per row), doubling copies otherwise.
 template <typename A>
 void fill_pattern(const A* src, int64_t r, int64_t n, A* pattern) {
-  std::copy(src, src + std::min(r, n), pattern);
+  auto tile = [&](auto fixed_r) {
+    constexpr int R = decltype(fixed_r)::value;
+    for (int64_t k = 0; k < n; k += R) {
+      for (int j = 0; j < R; ++j) pattern[k + j] = src[j];
+    }
+  };
+  if (r == 9) return tile(std::integral_constant<int, 9>{});
+  if (r == 16) return tile(std::integral_constant<int, 16>{});
+  std::copy(src, src + r, pattern);
   for (int64_t filled = r; filled < n; filled *= 2) {
     std::copy(pattern, pattern + std::min(filled, n - filled), pattern + filled);
   }
@@ -108,7 +133,7 @@ void fill_pattern(const A* src, int64_t r, int64_t n, A* pattern) {
 // SN along any dim: A[m, p * R + r] = W[(p * M + m) * R + r].
 // s = A v, and if t != nullptr also t = A^T s, in one pass over W.
 template <typename T, typename A>
-void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t) {
+void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool reverse) {
   const int64_t M = mat.rows, R = mat.inner, P = mat.outer, N = mat.cols();
   const Chunks chunks = split_rows(M, N);
   std::vector<A> partial(t ? chunks.count * N : 0, A(0));
@@ -126,7 +151,8 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t) {
       }
       return dst;
     };
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t k = c0; k < c1; ++k) {
+      const int64_t c = chunk_at(c0, c1, k, reverse);
       A* tc = t ? partial.data() + c * N : nullptr;
       const int64_t m1 = std::min(M, chunks.begin(c + 1));
       int64_t m = chunks.begin(c);
@@ -156,16 +182,17 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t) {
 // s1 is accumulated as q[k] += W[i, k] * v1[i * R + k % R] and segment-summed.
 template <typename T, typename A>
 void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A* s0,
-               A* t0, A* s1) {
+               A* t0, A* s1, bool reverse) {
   const int64_t rows = mat[0].rows, L = mat[0].inner, R = mat[1].inner, cin = mat[1].rows;
-  const int64_t block = std::min(pattern_block(R), L);
+  const int64_t period = pattern_period(R);
   const Chunks chunks = split_rows(rows, L);
   const int64_t nvec = t0 ? 2 : 1;  // per chunk: [q] or [q, t0]
   std::vector<A> partial(chunks.count * nvec * L, A(0));
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     std::vector<A> row_buf(std::is_same_v<T, A> ? 0 : kGroup * L);
-    std::vector<A> pattern_buf(kGroup * block);
-    for (int64_t c = c0; c < c1; ++c) {
+    std::vector<A> pattern_buf(kGroup * period);
+    for (int64_t k = c0; k < c1; ++k) {
+      const int64_t c = chunk_at(c0, c1, k, reverse);
       A* qc = partial.data() + c * nvec * L;
       A* tc = t0 ? qc + L : nullptr;
       const int64_t i1 = std::min(rows, chunks.begin(c + 1));
@@ -178,28 +205,22 @@ void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A
         for (int g = 0; g < kGroup; ++g) {
           row[g] = as_acc(w + (i + g) * L, L, row_buf.data() + g * L);
           coef[g] = s0[i + g] = dot(row[g], v0, L);
-          A* pat = pattern_buf.data() + g * block;
-          fill_pattern(v1 + (i + g) * R, R, block, pat);
+          A* pat = pattern_buf.data() + g * period;
+          fill_pattern(v1 + (i + g) * R, R, period, pat);
           pattern[g] = pat;
         }
-        for (int64_t k = 0; k < L; k += block) {
-          const A* row_k[kGroup] = {row[0] + k, row[1] + k, row[2] + k, row[3] + k};
-          axpy4_and_mul_acc4(coef, row_k, tc + k, pattern, qc + k, std::min(block, L - k));
-        }
+        axpy4_and_periodic_mul_acc4(coef, row, tc, pattern, period, qc, L);
       }
       for (; i < i1; ++i) {
         const A* row = as_acc(w + i * L, L, row_buf.data());
         const A si = dot(row, v0, L);
         s0[i] = si;
         A* pattern = pattern_buf.data();
-        fill_pattern(v1 + i * R, R, block, pattern);
-        for (int64_t k = 0; k < L; k += block) {
-          const int64_t n = std::min(block, L - k);
-          if (tc) {
-            axpy_and_mul_acc(si, row + k, tc + k, pattern, qc + k, n);
-          } else {
-            mul_acc(row + k, pattern, qc + k, n);
-          }
+        fill_pattern(v1 + i * R, R, period, pattern);
+        if (tc) {
+          axpy_and_periodic_mul_acc(si, row, tc, pattern, period, qc, L);
+        } else {
+          periodic_mul_acc(row, pattern, period, qc, L);
         }
       }
     }
@@ -218,34 +239,42 @@ void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A
   }
 }
 
+// out[r] = the sum of acc[j * R + r] over j < len / R (len a multiple of R),
+// in a fixed order: halve while the number of terms is even (vectorized),
+// then add the remaining ones in order.
+template <typename A>
+void fold_residues(A* acc, int64_t len, int64_t R, A* out) {
+  while ((len / R) % 2 == 0) {
+    len /= 2;
+    axpy(A(1), acc + len, acc, len);
+  }
+  std::copy(acc, acc + R, out);
+  for (int64_t j = R; j < len; j += R) {
+    for (int64_t r = 0; r < R; ++r) out[r] += acc[j + r];
+  }
+}
+
 // BSN pass 2: t1[i * R + r] = sum_j W[i, j, r] * s1[j]  (t1 = A1^T s1).
 template <typename T, typename A>
-void bsn_pass2(const T* w, const Matricization* mat, const A* s1, A* t1) {
+void bsn_pass2(const T* w, const Matricization* mat, const A* s1, A* t1, bool reverse) {
   const int64_t rows = mat[0].rows, L = mat[0].inner, R = mat[1].inner;
-  const int64_t period = pattern_period(R), full_block = pattern_block(R);
-  const int64_t block = std::min(full_block, L);
-  std::vector<A> s1_repeated(L);  // s1[k / R]
-  for (int64_t k = 0; k < L; ++k) s1_repeated[k] = s1[k / R];
+  const int64_t block = std::min(pattern_block(R), L);
+  const std::vector<A> s1_repeated = repeat_each(s1, L / R, R);
   const Chunks chunks = split_rows(rows, L);
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     std::vector<A> row_buf(std::is_same_v<T, A> ? 0 : L);
     std::vector<A> acc(std::max<int64_t>(block, 144));
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t k = c0; k < c1; ++k) {
+      const int64_t c = chunk_at(c0, c1, k, reverse);
       const int64_t i1 = std::min(rows, chunks.begin(c + 1));
       for (int64_t i = chunks.begin(c); i < i1; ++i) {
         const A* row = as_acc(w + i * L, L, row_buf.data());
-        if (R == 16 || R == 9) {  // 4x4 and 3x3 kernels: partial sums in registers
-          if (R == 16) {
-            periodic_dot16(row, s1_repeated.data(), L, acc.data());
-          } else {
-            periodic_dot144(row, s1_repeated.data(), L, acc.data());
-          }
-          const int64_t len = R == 16 ? 16 : 144;
-          for (int64_t r = 0; r < R; ++r) {
-            A sum = 0;
-            for (int64_t k = r; k < len; k += R) sum += acc[k];
-            t1[i * R + r] = sum;
-          }
+        if (R == 16) {  // 4x4 and 3x3 kernels: partial sums in registers
+          periodic_dot16(row, s1_repeated.data(), L, t1 + i * R);
+          continue;
+        }
+        if (R == 9) {
+          periodic_dot9(row, s1_repeated.data(), L, t1 + i * R);
           continue;
         }
         // acc[k] sums row[q] * s1[q / R] over q = k (mod block); then fold the
@@ -254,18 +283,7 @@ void bsn_pass2(const T* w, const Matricization* mat, const A* s1, A* t1) {
         for (int64_t k = 0; k < L; k += block) {
           mul_acc(row + k, s1_repeated.data() + k, acc.data(), std::min(block, L - k));
         }
-        int64_t len = block;
-        if (block == full_block) {  // period * 2^j: fold by halving, vectorized
-          while (len > period) {
-            len /= 2;
-            axpy(A(1), acc.data() + len, acc.data(), len);
-          }
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          A sum = 0;
-          for (int64_t k = r; k < len; k += R) sum += acc[k];
-          t1[i * R + r] = sum;
-        }
+        fold_residues(acc.data(), block, R, t1 + i * R);
       }
     }
   });
@@ -313,14 +331,33 @@ A effective_sigma(A sigma) {
   return sigma == A(0) ? A(1) : sigma;
 }
 
+// out[b:e] = w[b:e] * factor.
+template <typename T, typename A>
+void rescale_range(const T* w, T* out, int64_t b, int64_t e, A factor) {
+  if constexpr (std::is_same_v<T, A>) {
+    scale_copy(factor, w + b, out + b, e - b);
+  } else {
+    for (int64_t i = b; i < e; ++i) out[i] = static_cast<T>(static_cast<A>(w[i]) * factor);
+  }
+}
+
 // out = w * factor (elementwise, so the split does not matter).
 template <typename T, typename A>
 void rescale(const T* w, T* out, int64_t numel, A factor) {
-  at::parallel_for(0, numel, 32768, [&](int64_t b, int64_t e) {
-    if constexpr (std::is_same_v<T, A>) {
-      scale_copy(factor, w + b, out + b, e - b);
-    } else {
-      for (int64_t i = b; i < e; ++i) out[i] = static_cast<T>(static_cast<A>(w[i]) * factor);
+  at::parallel_for(0, numel, 32768,
+                   [&](int64_t b, int64_t e) { rescale_range(w, out, b, e, factor); });
+}
+
+// The same over contiguous rows of row_len elements, split like the passes
+// over W before it (see chunk_at).
+template <typename T, typename A>
+void rescale_rows(const T* w, T* out, int64_t rows, int64_t row_len, A factor, bool reverse) {
+  const Chunks chunks = split_rows(rows, row_len);
+  for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
+    for (int64_t k = c0; k < c1; ++k) {
+      const int64_t c = chunk_at(c0, c1, k, reverse);
+      const int64_t r1 = std::min(rows, chunks.begin(c + 1));
+      rescale_range(w, out, chunks.begin(c) * row_len, r1 * row_len, factor);
     }
   });
 }
@@ -348,24 +385,29 @@ void forward(const ForwardParams& p) {
     for (int64_t n = 0; n < N; ++n) pr.v[n] = static_cast<A>(v_buf[n]);
   }
 
+  bool reverse = false;  // direction of the next pass over W (see chunk_at)
   if (p.update) {
     for (int it = 0; it < p.n_power_iterations; ++it) {
       if (p.num_pairs == 1) {
-        sn_pass(w, p.mat[0], pairs[0].v.data(), pairs[0].s.data(), pairs[0].t.data());
+        sn_pass(w, p.mat[0], pairs[0].v.data(), pairs[0].s.data(), pairs[0].t.data(),
+                reverse);
       } else {
         bsn_pass1(w, p.mat, pairs[0].v.data(), pairs[1].v.data(), pairs[0].s.data(),
-                  pairs[0].t.data(), pairs[1].s.data());
-        bsn_pass2(w, p.mat, pairs[1].s.data(), pairs[1].t.data());
+                  pairs[0].t.data(), pairs[1].s.data(), reverse);
+        reverse = !reverse;
+        bsn_pass2(w, p.mat, pairs[1].s.data(), pairs[1].t.data(), reverse);
       }
+      reverse = !reverse;
       for (int k = 0; k < p.num_pairs; ++k) normalize_pair(pairs[k], eps);
     }
   } else {  // sigma = u^T A v with the stored vectors
     if (p.num_pairs == 1) {
-      sn_pass<T, A>(w, p.mat[0], pairs[0].v.data(), pairs[0].s.data(), nullptr);
+      sn_pass<T, A>(w, p.mat[0], pairs[0].v.data(), pairs[0].s.data(), nullptr, reverse);
     } else {
       bsn_pass1<T, A>(w, p.mat, pairs[0].v.data(), pairs[1].v.data(), pairs[0].s.data(),
-                      nullptr, pairs[1].s.data());
+                      nullptr, pairs[1].s.data(), reverse);
     }
+    reverse = !reverse;
     for (int k = 0; k < p.num_pairs; ++k) {
       pairs[k].sigma = dot(pairs[k].u.data(), pairs[k].s.data(), p.mat[k].rows);
     }
@@ -383,7 +425,12 @@ void forward(const ForwardParams& p) {
                 state + state_u_offset(p.mat, p.num_pairs, k),
                 state + state_v_offset(p.mat, p.num_pairs, k));
   }
-  rescale(w, static_cast<T*>(p.out), p.numel, static_cast<A>(p.scale) / effective_sigma(sigma));
+  const A factor = static_cast<A>(p.scale) / effective_sigma(sigma);
+  if (p.mat[0].outer == 1) {  // the passes' rows are contiguous: follow their split
+    rescale_rows(w, static_cast<T*>(p.out), p.mat[0].rows, p.mat[0].cols(), factor, reverse);
+  } else {
+    rescale(w, static_cast<T*>(p.out), p.numel, factor);
+  }
 }
 
 template <typename T>
@@ -401,15 +448,27 @@ void backward(const BackwardParams& p) {
     return;
   }
 
-  // c = <G, W>, from fixed chunks added in order.
-  constexpr int64_t kChunk = 32768;
-  const int64_t nchunks = (p.numel + kChunk - 1) / kChunk;
-  std::vector<A> partial(nchunks);
-  for_chunks(nchunks, [&](int64_t c0, int64_t c1) {
-    std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : kChunk), wbuf(gbuf.size());
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t b = c * kChunk, n = std::min(kChunk, p.numel - b);
-      partial[c] = dot(as_acc(g + b, n, gbuf.data()), as_acc(w + b, n, wbuf.data()), n);
+  // Both passes (c = <G, W>, then dW) over the same contiguous chunks of
+  // segments, the second in reverse (see chunk_at): SN segments W[p, m, :]
+  // (outer * rows of inner elements), BSN rows of W viewed [c_out, c_in * R].
+  const int64_t seg_len = p.num_pairs == 1 ? p.mat[0].inner : p.mat[0].cols();
+  const int64_t segments = p.numel / seg_len;
+  const Chunks chunks = split_rows(segments, seg_len);
+
+  // c = <G, W>: one partial per chunk (over blocks in order), added in chunk order.
+  std::vector<A> partial(chunks.count);
+  for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
+    constexpr int64_t kBlock = 4096;
+    std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : kBlock), wbuf(gbuf.size());
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t b = chunks.begin(ch) * seg_len;
+      const int64_t e = std::min(segments, chunks.begin(ch + 1)) * seg_len;
+      A sum = 0;
+      for (int64_t i = b; i < e; i += kBlock) {
+        const int64_t n = std::min(kBlock, e - i);
+        sum += dot(as_acc(g + i, n, gbuf.data()), as_acc(w + i, n, wbuf.data()), n);
+      }
+      partial[ch] = sum;
     }
   });
   A c = 0;
@@ -421,11 +480,11 @@ void backward(const BackwardParams& p) {
   const A* v0 = u0 + p.mat[0].rows;
   if (p.num_pairs == 1) {
     // Segments of R contiguous elements: W[p, m, :] has dsigma/dW = u[m] * v[p*R : p*R+R].
-    const int64_t M = p.mat[0].rows, R = p.mat[0].inner, segments = p.mat[0].outer * M;
-    const Chunks chunks = split_rows(segments, R);
+    const int64_t M = p.mat[0].rows, R = seg_len;
     for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
       std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : R), obuf(R);
-      for (int64_t ch = c0; ch < c1; ++ch) {
+      for (int64_t kk = c0; kk < c1; ++kk) {
+        const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
         const int64_t s1 = std::min(segments, chunks.begin(ch + 1));
         for (int64_t s = chunks.begin(ch); s < s1; ++s) {
           const int64_t pp = s / M, m = s % M;
@@ -443,24 +502,21 @@ void backward(const BackwardParams& p) {
   // BSN: dsigma/dW[i, j, r] = (u0[i] v0[j*R + r] + u1[j] v1[i*R + r]) / 2.
   const A* u1 = v0 + p.mat[0].cols();
   const A* v1 = u1 + p.mat[1].rows;
-  const int64_t rows = p.mat[0].rows, L = p.mat[0].inner, R = p.mat[1].inner;
-  const int64_t block = std::min(pattern_block(R), L);
+  const int64_t rows = segments, L = seg_len, R = p.mat[1].inner;
+  const int64_t period = pattern_period(R);
   const A half_k = k / A(2);
-  std::vector<A> u1_repeated(L);  // u1[k / R]
-  for (int64_t q = 0; q < L; ++q) u1_repeated[q] = u1[q / R];
-  const Chunks chunks = split_rows(rows, L);
+  const std::vector<A> u1_repeated = repeat_each(u1, L / R, R);
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
-    std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : L), obuf(L), pattern(block);
-    for (int64_t ch = c0; ch < c1; ++ch) {
+    std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : L), obuf(L), pattern(period);
+    for (int64_t kk = c0; kk < c1; ++kk) {
+      const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
       const int64_t i1 = std::min(rows, chunks.begin(ch + 1));
       for (int64_t i = chunks.begin(ch); i < i1; ++i) {
         const A* grow = as_acc(g + i * L, L, gbuf.data());
         A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + i * L) : obuf.data();
-        fill_pattern(v1 + i * R, R, block, pattern.data());
-        for (int64_t q = 0; q < L; q += block) {
-          scaled_diff2(a, grow + q, half_k * u0[i], v0 + q, half_k, u1_repeated.data() + q,
-                       pattern.data(), out + q, std::min(block, L - q));
-        }
+        fill_pattern(v1 + i * R, R, period, pattern.data());
+        scaled_diff2(a, grow, half_k * u0[i], v0, half_k, u1_repeated.data(), pattern.data(),
+                     period, out, L);
         if constexpr (!std::is_same_v<T, A>) {
           for (int64_t q = 0; q < L; ++q) dw[i * L + q] = static_cast<T>(out[q]);
         }

@@ -54,9 +54,13 @@ BSN_ALWAYS_INLINE A sum_sq_body(const A* __restrict x, int64_t n) {
   return combine_lanes(acc);
 }
 
-template <int P, typename A>
+// out[r] = sum_{k = r mod R} x[k] * y[k] for r < R, with P = lcm(R, 16) partial
+// sums in registers, folded to R at the end: halving while the number of
+// periods in the buffer is even (k and k + len/2 then agree mod R), then in order.
+template <int P, int R, typename A>
 BSN_ALWAYS_INLINE void periodic_dot_body(const A* __restrict x, const A* __restrict y, int64_t n,
                               A* __restrict out) {
+  static_assert(P % R == 0 && P % 16 == 0, "P must be a common multiple of R and 16");
   A acc[P] = {};
   int64_t i = 0;
   for (; i + P <= n; i += P) {
@@ -64,7 +68,15 @@ BSN_ALWAYS_INLINE void periodic_dot_body(const A* __restrict x, const A* __restr
     for (int k = 0; k < P; ++k) acc[k] += x[i + k] * y[i + k];
   }
   for (int k = 0; i < n; ++i, ++k) acc[k] += x[i] * y[i];
-  for (int k = 0; k < P; ++k) out[k] = acc[k];
+  int len = P;
+  while ((len / R) % 2 == 0) {
+    len /= 2;
+    for (int k = 0; k < len; ++k) acc[k] += acc[k + len];
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+  for (int j = R; j < len; j += R) {
+    for (int r = 0; r < R; ++r) out[r] += acc[j + r];
+  }
 }
 
 }  // namespace
@@ -75,12 +87,27 @@ BSN_ALWAYS_INLINE void periodic_dot_body(const A* __restrict x, const A* __restr
   BSN_MULTIVERSION void axpy(A a, const A* __restrict x, A* __restrict y, int64_t n) {  \
     _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];               \
   }                                                                                     \
-  BSN_MULTIVERSION void axpy_and_mul_acc(A a, const A* __restrict x, A* __restrict t,   \
-                                         const A* __restrict p, A* __restrict q,        \
-                                         int64_t n) {                                   \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                               \
-      t[i] += a * x[i];                                                                 \
-      q[i] += x[i] * p[i];                                                              \
+  BSN_MULTIVERSION void axpy_and_periodic_mul_acc(A a, const A* __restrict x,          \
+                                                  A* __restrict t, const A* __restrict p, \
+                                                  int64_t period, A* __restrict q,      \
+                                                  int64_t n) {                          \
+    for (int64_t k = 0; k < n; k += period) {                                           \
+      const int64_t m = n - k < period ? n - k : period;                                \
+      const A *__restrict xk = x + k;                                                   \
+      A *__restrict tk = t + k, *__restrict qk = q + k;                                 \
+      _Pragma("omp simd") for (int64_t i = 0; i < m; ++i) {                             \
+        tk[i] += a * xk[i];                                                             \
+        qk[i] += xk[i] * p[i];                                                          \
+      }                                                                                 \
+    }                                                                                   \
+  }                                                                                     \
+  BSN_MULTIVERSION void periodic_mul_acc(const A* __restrict x, const A* __restrict p,  \
+                                         int64_t period, A* __restrict q, int64_t n) {  \
+    for (int64_t k = 0; k < n; k += period) {                                           \
+      const int64_t m = n - k < period ? n - k : period;                                \
+      const A *__restrict xk = x + k;                                                   \
+      A *__restrict qk = q + k;                                                         \
+      _Pragma("omp simd") for (int64_t i = 0; i < m; ++i) qk[i] += xk[i] * p[i];        \
     }                                                                                   \
   }                                                                                     \
   BSN_MULTIVERSION void mul_acc(const A* __restrict x, const A* __restrict y,           \
@@ -94,10 +121,15 @@ BSN_ALWAYS_INLINE void periodic_dot_body(const A* __restrict x, const A* __restr
   }                                                                                     \
   BSN_MULTIVERSION void scaled_diff2(A a, const A* __restrict g, A b,                   \
                                      const A* __restrict v, A c, const A* __restrict w, \
-                                     const A* __restrict p, A* __restrict out,          \
-                                     int64_t n) {                                       \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                               \
-      out[i] = a * g[i] - b * v[i] - c * w[i] * p[i];                                   \
+                                     const A* __restrict p, int64_t period,             \
+                                     A* __restrict out, int64_t n) {                    \
+    for (int64_t k = 0; k < n; k += period) {                                           \
+      const int64_t m = n - k < period ? n - k : period;                                \
+      const A *__restrict gk = g + k, *__restrict vk = v + k, *__restrict wk = w + k;   \
+      A* __restrict ok = out + k;                                                       \
+      _Pragma("omp simd") for (int64_t i = 0; i < m; ++i) {                             \
+        ok[i] = a * gk[i] - b * vk[i] - c * wk[i] * p[i];                               \
+      }                                                                                 \
     }                                                                                   \
   }                                                                                     \
   BSN_MULTIVERSION void scale_inplace(A a, A* __restrict x, int64_t n) {                \
@@ -115,24 +147,29 @@ BSN_ALWAYS_INLINE void periodic_dot_body(const A* __restrict x, const A* __restr
       y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];                        \
     }                                                                                   \
   }                                                                                     \
-  BSN_MULTIVERSION void axpy4_and_mul_acc4(const A* a, const A* const* x, A* __restrict t, \
-                                           const A* const* p, A* __restrict q,          \
-                                           int64_t n) {                                 \
+  BSN_MULTIVERSION void axpy4_and_periodic_mul_acc4(const A* a, const A* const* x,     \
+                                                    A* __restrict t, const A* const* p, \
+                                                    int64_t period, A* __restrict q,    \
+                                                    int64_t n) {                        \
     const A a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];                                 \
-    const A *__restrict x0 = x[0], *__restrict x1 = x[1], *__restrict x2 = x[2],        \
-            *__restrict x3 = x[3];                                                      \
     const A *__restrict p0 = p[0], *__restrict p1 = p[1], *__restrict p2 = p[2],        \
             *__restrict p3 = p[3];                                                      \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                               \
-      t[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];                        \
-      q[i] += x0[i] * p0[i] + x1[i] * p1[i] + x2[i] * p2[i] + x3[i] * p3[i];            \
+    for (int64_t k = 0; k < n; k += period) {                                           \
+      const int64_t m = n - k < period ? n - k : period;                                \
+      const A *__restrict x0 = x[0] + k, *__restrict x1 = x[1] + k,                     \
+              *__restrict x2 = x[2] + k, *__restrict x3 = x[3] + k;                     \
+      A *__restrict tk = t + k, *__restrict qk = q + k;                                 \
+      _Pragma("omp simd") for (int64_t i = 0; i < m; ++i) {                             \
+        tk[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];                     \
+        qk[i] += x0[i] * p0[i] + x1[i] * p1[i] + x2[i] * p2[i] + x3[i] * p3[i];         \
+      }                                                                                 \
     }                                                                                   \
   }                                                                                     \
   BSN_MULTIVERSION void periodic_dot16(const A* x, const A* y, int64_t n, A* out) {     \
-    periodic_dot_body<16>(x, y, n, out);                                                \
+    periodic_dot_body<16, 16>(x, y, n, out);                                            \
   }                                                                                     \
-  BSN_MULTIVERSION void periodic_dot144(const A* x, const A* y, int64_t n, A* out) {    \
-    periodic_dot_body<144>(x, y, n, out);                                               \
+  BSN_MULTIVERSION void periodic_dot9(const A* x, const A* y, int64_t n, A* out) {      \
+    periodic_dot_body<144, 9>(x, y, n, out);                                            \
   }
 
 BSN_DEFINE_VEC_PRIMITIVES(float)

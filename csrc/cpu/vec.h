@@ -18,28 +18,33 @@ namespace cpu {
   A sum_sq(const A* x, int64_t n);                                                      \
   /* y += a * x */                                                                      \
   void axpy(A a, const A* x, A* y, int64_t n);                                          \
-  /* t += a * x;  q += x * p   (BSN pass 1: dim-0 update and dim-1 products) */         \
-  void axpy_and_mul_acc(A a, const A* x, A* t, const A* p, A* q, int64_t n);            \
+  /* t += a * x;  q[k] += x[k] * p[k % period]   (BSN pass 1: dim-0 update and */      \
+  /* dim-1 products; the period is a multiple of 16, p holds one period) */             \
+  void axpy_and_periodic_mul_acc(A a, const A* x, A* t, const A* p, int64_t period,     \
+                                 A* q, int64_t n);                                      \
+  /* q[k] += x[k] * p[k % period] */                                                    \
+  void periodic_mul_acc(const A* x, const A* p, int64_t period, A* q, int64_t n);       \
   /* acc += x * y */                                                                    \
   void mul_acc(const A* x, const A* y, A* acc, int64_t n);                              \
   /* out = a * g - b * v */                                                             \
   void scaled_diff(A a, const A* g, A b, const A* v, A* out, int64_t n);                \
-  /* out = a * g - b * v - c * w * p   (BSN gradient row) */                            \
+  /* out[k] = a * g[k] - b * v[k] - c * w[k] * p[k % period]   (BSN gradient row) */   \
   void scaled_diff2(A a, const A* g, A b, const A* v, A c, const A* w, const A* p,      \
-                    A* out, int64_t n);                                                 \
+                    int64_t period, A* out, int64_t n);                                 \
   /* x *= a */                                                                          \
   void scale_inplace(A a, A* x, int64_t n);                                             \
   /* out = a * x */                                                                     \
   void scale_copy(A a, const A* x, A* out, int64_t n);                                  \
   /* y += a[0] x[0] + ... + a[3] x[3]   (four rows at once: one pass over y) */         \
   void axpy4(const A* a, const A* const* x, A* y, int64_t n);                           \
-  /* t += sum_r a[r] x[r];  q += sum_r x[r] * p[r]   (four rows of BSN pass 1) */       \
-  void axpy4_and_mul_acc4(const A* a, const A* const* x, A* t, const A* const* p, A* q, \
-                          int64_t n);                                                   \
-  /* out[j] = sum_{k = j mod P} x[k] * y[k] for P = 16 or 144 (4x4 and 3x3 kernels), */ \
-  /* with the P partial sums kept in registers. */                                      \
+  /* t += sum_r a[r] x[r];  q[k] += sum_r x[r][k] * p[r][k % period]  (four rows of */ \
+  /* BSN pass 1) */                                                                     \
+  void axpy4_and_periodic_mul_acc4(const A* a, const A* const* x, A* t,                 \
+                                   const A* const* p, int64_t period, A* q, int64_t n); \
+  /* out[r] = sum_{k = r mod R} x[k] * y[k] for r < R, R = 16 or 9 (4x4 and 3x3 */      \
+  /* kernels), with the partial sums kept in registers */                               \
   void periodic_dot16(const A* x, const A* y, int64_t n, A* out);                       \
-  void periodic_dot144(const A* x, const A* y, int64_t n, A* out);
+  void periodic_dot9(const A* x, const A* y, int64_t n, A* out);
 
 BSN_DECLARE_VEC_PRIMITIVES(float)
 BSN_DECLARE_VEC_PRIMITIVES(double)

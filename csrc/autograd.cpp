@@ -1,0 +1,190 @@
+// TORCH_LIBRARY_IMPL(bsn_cuda, Autograd): autograd of the two forward ops.
+//
+// In C++ rather than Python because it runs on every forward of every layer:
+// a Python kernel at the Autograd key plus a Python autograd.Function cost
+// 15-25 us per call, more than the whole fused kernel on most GAN layers.
+// (torch.library.register_autograd would be the usual place, but it refuses
+// ops that mutate inputs, and these update u/v in place.) The backward ops are
+// functional; their own autograd (double backward) is registered in
+// bsn_cuda/_ops.py next to the fake kernels.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <utility>
+
+namespace bsn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
+
+// Power-iteration buffers are state, not parameters: an input that requires
+// grad there is a user error (its gradient would silently be dropped).
+void check_buffers(const char* op, const at::Tensor& weight,
+                   std::initializer_list<std::pair<const char*, const at::Tensor*>> buffers) {
+  TORCH_CHECK(weight.defined(), op, ": expected weight to be a tensor, got None");
+  for (const auto& [name, buf] : buffers) {
+    TORCH_CHECK(buf->defined(), op, ": expected ", name, " to be a tensor, got None");
+    TORCH_CHECK(!buf->requires_grad(), op, ": expected ", name,
+                " not to require grad (it is a power-iteration buffer updated in place; only "
+                "the weight is differentiable), got requires_grad=True");
+  }
+}
+
+// The kernels write u/v through raw pointers; tell autograd, as torch's own
+// in-place ops do, so that a stale saved copy is detected. Inference tensors
+// have no version counter.
+void bump_versions(std::initializer_list<const at::Tensor*> buffers) {
+  for (const at::Tensor* buf : buffers) {
+    if (!buf->is_inference()) buf->unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+// The backward's result: one entry per forward argument, only the weight's defined.
+constexpr size_t kSNArgs = 8, kBSNArgs = 9;
+variable_list weight_grad_only(at::Tensor grad_weight, size_t num_args) {
+  variable_list grads(num_args);
+  grads[0] = std::move(grad_weight);
+  return grads;
+}
+
+bool records_graph(const at::Tensor& weight) {
+  return at::GradMode::is_enabled() && weight.requires_grad();
+}
+
+// ---------------------------------------------------------------------------
+// SN
+
+ForwardResult call_sn_forward(const at::Tensor& weight, at::Tensor& u, at::Tensor& v,
+                              int64_t dim, int64_t n_power_iterations, double eps,
+                              double scale, bool update) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bsn_cuda::sn_forward", "")
+                       .typed<ForwardResult(const at::Tensor&, at::Tensor&, at::Tensor&,
+                                            int64_t, int64_t, double, double, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(weight, u, v, dim, n_power_iterations, eps, scale, update);
+}
+
+at::Tensor call_sn_backward(const at::Tensor& grad_out, const at::Tensor& weight,
+                            const at::Tensor& state, int64_t dim, double scale) {
+  // Through the whole dispatcher: under create_graph its own autograd records
+  // the double-backward graph.
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bsn_cuda::sn_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, int64_t, double)>();
+  return op.call(grad_out, weight, state, dim, scale);
+}
+
+class SNForward : public torch::autograd::Function<SNForward> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u,
+                               at::Tensor v, int64_t dim, int64_t n_power_iterations,
+                               double eps, double scale, bool update) {
+    auto [out, state] =
+        call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
+    ctx->save_for_backward({weight, state});
+    ctx->mark_non_differentiable({state});
+    ctx->set_materialize_grads(false);  // no zeros for the state's (never used) gradient
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["scale"] = scale;
+    return {out, state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return weight_grad_only({}, kSNArgs);  // out did not reach the loss
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor grad_weight = call_sn_backward(grads[0], saved[0], saved[1],
+                                              ctx->saved_data["dim"].toInt(),
+                                              ctx->saved_data["scale"].toDouble());
+    return weight_grad_only(std::move(grad_weight), kSNArgs);
+  }
+};
+
+ForwardResult sn_forward_autograd(const at::Tensor& weight, at::Tensor& u, at::Tensor& v,
+                                  int64_t dim, int64_t n_power_iterations, double eps,
+                                  double scale, bool update) {
+  check_buffers("bsn_cuda::sn_forward", weight, {{"u", &u}, {"v", &v}});
+  bump_versions({&u, &v});
+  if (!records_graph(weight)) {
+    return call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
+  }
+  variable_list result =
+      SNForward::apply(weight, u, v, dim, n_power_iterations, eps, scale, update);
+  return {result[0], result[1]};
+}
+
+// ---------------------------------------------------------------------------
+// BSN
+
+ForwardResult call_bsn_forward(const at::Tensor& weight, at::Tensor& u0, at::Tensor& v0,
+                               at::Tensor& u1, at::Tensor& v1, int64_t n_power_iterations,
+                               double eps, double scale, bool update) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bsn_cuda::bsn_forward", "")
+          .typed<ForwardResult(const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                               at::Tensor&, int64_t, double, double, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+}
+
+at::Tensor call_bsn_backward(const at::Tensor& grad_out, const at::Tensor& weight,
+                             const at::Tensor& state, double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bsn_cuda::bsn_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, double)>();
+  return op.call(grad_out, weight, state, scale);
+}
+
+class BSNForward : public torch::autograd::Function<BSNForward> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u0,
+                               at::Tensor v0, at::Tensor u1, at::Tensor v1,
+                               int64_t n_power_iterations, double eps, double scale,
+                               bool update) {
+    auto [out, state] =
+        call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+    ctx->save_for_backward({weight, state});
+    ctx->mark_non_differentiable({state});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["scale"] = scale;
+    return {out, state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return weight_grad_only({}, kBSNArgs);
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor grad_weight =
+        call_bsn_backward(grads[0], saved[0], saved[1], ctx->saved_data["scale"].toDouble());
+    return weight_grad_only(std::move(grad_weight), kBSNArgs);
+  }
+};
+
+ForwardResult bsn_forward_autograd(const at::Tensor& weight, at::Tensor& u0, at::Tensor& v0,
+                                   at::Tensor& u1, at::Tensor& v1,
+                                   int64_t n_power_iterations, double eps, double scale,
+                                   bool update) {
+  check_buffers("bsn_cuda::bsn_forward", weight,
+                {{"u0", &u0}, {"v0", &v0}, {"u1", &u1}, {"v1", &v1}});
+  bump_versions({&u0, &v0, &u1, &v1});
+  if (!records_graph(weight)) {
+    return call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+  }
+  variable_list result =
+      BSNForward::apply(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+  return {result[0], result[1]};
+}
+
+}  // namespace
+}  // namespace bsn
+
+TORCH_LIBRARY_IMPL(bsn_cuda, Autograd, m) {
+  m.impl("sn_forward", &bsn::sn_forward_autograd);
+  m.impl("bsn_forward", &bsn::bsn_forward_autograd);
+}
