@@ -18,7 +18,11 @@ Run ``python -m bsn_cuda.benchmark --help`` for the options. What it measures:
   ``W_sn.backward(G)`` with a fixed random G; grads are set to None outside
   the timed region).
 * CPU: one ``time.perf_counter`` interval per call, after warm-up, with the
-  garbage collector off; median, IQR and min of the calls.
+  garbage collector off; median, IQR and min of the calls. The
+  implementations of one layer and mode run interleaved, in ``CPU_ROUNDS``
+  rounds of rotating order, so that drifts in the speed of a shared machine
+  affect them alike; slices during which other processes used the CPU are
+  measured again after a pause.
   CUDA: CUDA events around each call with the L2 cache flushed before it
   (cold weights, as in a training step), plus a host wall-clock throughput
   over back-to-back calls (``wall_s``, includes launch overhead), achieved
@@ -576,7 +580,8 @@ def contention(before, after, wall_s):
     return max(0.0, min(1.0, other / capacity))
 
 
-def time_cpu(call, reset, budget):
+def _warm_up_cpu(call, reset, budget):
+    """Run the warm-up calls; returns the time of the first call."""
     first = time.perf_counter()
     call()
     first = time.perf_counter() - first
@@ -584,6 +589,11 @@ def time_cpu(call, reset, budget):
     for _ in range(max(budget.warmup - 1, 0)):
         call()
         reset()
+    return first
+
+
+def _timed_calls_cpu(call, reset, budget):
+    """(per-call times, contention during them) for one slice of `budget`."""
     times = []
     total = 0.0
     perf = time.perf_counter
@@ -601,9 +611,52 @@ def time_cpu(call, reset, budget):
                 break
             if n >= budget.min_reps and (total >= budget.min_time or total >= budget.max_time):
                 break
-    out = _stats(times)
-    out["first_call_s"] = first
-    out["contention"] = contention(ticks0, _cpu_ticks(), time.perf_counter() - wall0)
+    return times, contention(ticks0, _cpu_ticks(), time.perf_counter() - wall0)
+
+
+CONTENTION_LIMIT = 0.15  # share of the CPU used by other processes that makes a CPU case suspect
+CONTENTION_RETRIES = 3
+
+# CPU cases of one layer and mode run in rounds, each implementation a slice of
+# its budget per round, in rotating order: the speed of a shared VM drifts by
+# tens of percent within seconds, and interleaving lets every implementation
+# see the same drift, so the ratios are steadier than the absolute times.
+CPU_ROUNDS = 4
+
+
+def time_cpu_interleaved(cases, budget, rounds=CPU_ROUNDS, retries=CONTENTION_RETRIES):
+    """{impl: stats} for warmed-up cases {impl: (call, reset)} timed in interleaved rounds.
+
+    A slice during which other processes used more than CONTENTION_LIMIT of
+    the machine is measured again after a pause (at most `retries` times per
+    implementation); the statistics are over all kept slices."""
+    impls = list(cases)
+    slice_budget = Budget(
+        warmup=0,
+        min_reps=max(1, -(-budget.min_reps // rounds)),
+        max_reps=max(1, budget.max_reps // rounds),
+        min_time=budget.min_time / rounds,
+        max_time=budget.max_time / rounds,
+    )
+    times = {impl: [] for impl in impls}
+    worst = {impl: None for impl in impls}
+    tries = {impl: 1 for impl in impls}
+    for r in range(rounds):
+        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
+            got, cont = _timed_calls_cpu(*cases[impl], slice_budget)
+            while (cont or 0) > CONTENTION_LIMIT and tries[impl] <= retries:
+                wait_for_quiet(20.0)
+                got, cont = _timed_calls_cpu(*cases[impl], slice_budget)
+                tries[impl] += 1
+            times[impl] += got
+            if cont is not None:
+                worst[impl] = max(worst[impl] or 0.0, cont)
+    out = {}
+    for impl in impls:
+        st = _stats(times[impl])
+        st.update(contention=worst[impl], tries=tries[impl], rounds=rounds)
+        st["contended"] = _suspect(st)
+        out[impl] = st
     return out
 
 
@@ -768,8 +821,6 @@ class Progress:
             sys.stderr.flush()
 
 
-CONTENTION_LIMIT = 0.15  # share of the CPU used by other processes that makes a CPU case suspect
-CONTENTION_RETRIES = 3
 
 
 class _WaitBudget:
@@ -804,47 +855,53 @@ def _suspect(st):
     return st["median_s"] > 3 * st["min_s"] and st["median_s"] - st["min_s"] > 3e-3
 
 
-def _badness(st):
-    return (_suspect(st), st["median_s"])
-
-
-def measure_case(impl, base, mode, device, budget, flush=True, retries=CONTENTION_RETRIES):
-    """One measurement record (without the layer fields).
-
-    CPU: when other processes used more than CONTENTION_LIMIT of the machine
-    during the case, it is measured again (after a pause, up to `retries`
-    times) and the least contended try is kept; `contended` marks the record
-    if even that one was."""
+def _record_failure(rec, impl, exc):
+    """Mark a record skipped (unsupported here) or failed, from the exception."""
     global _COMPILE_BROKEN
+    if isinstance(exc, _Unsupported):
+        rec["skipped"] = str(exc)
+        return
+    msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if impl == "torch_compiled" and _COMPILE_BROKEN is None:
+        _COMPILE_BROKEN = msg[:200]
+        rec["skipped"] = f"torch.compile unavailable: {msg[:200]}"
+    else:
+        rec["error"] = msg[:300]
+
+
+def measure_case(impl, base, mode, device, budget, flush=True):
+    """One CUDA measurement record (without the layer fields)."""
     rec = {"impl": impl, "mode": mode}
     try:
         call, reset, module, note = make_case(impl, base, mode)
         rec["note"] = note
-        if device.type == "cuda":
-            rec.update(time_cuda(call, reset, budget, device, flush=flush))
-        else:
-            best = time_cpu(call, reset, budget)
-            tries = 1
-            while _suspect(best) and tries <= retries:
-                wait_for_quiet(20.0)
-                again = time_cpu(call, reset, budget)
-                tries += 1
-                if _badness(again) < _badness(best):
-                    best = again
-            best["tries"] = tries
-            best["contended"] = _suspect(best)
-            rec.update(best)
+        rec.update(time_cuda(call, reset, budget, device, flush=flush))
         del call, reset, module
-    except _Unsupported as e:
-        rec["skipped"] = str(e)
     except Exception as e:  # noqa: BLE001 - record and carry on
-        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        if impl == "torch_compiled" and _COMPILE_BROKEN is None:
-            _COMPILE_BROKEN = msg[:200]
-            rec["skipped"] = f"torch.compile unavailable: {msg[:200]}"
-        else:
-            rec["error"] = msg[:300]
+        _record_failure(rec, impl, e)
     return rec
+
+
+def measure_cases_cpu(impls, base, mode, budget, retries=CONTENTION_RETRIES):
+    """{impl: record} for the implementations of one layer and mode on the CPU,
+    timed interleaved (see time_cpu_interleaved). An implementation that cannot
+    be set up or fails on its warm-up calls gets a skipped/error record."""
+    recs, cases, first, modules = {}, {}, {}, []
+    for impl in impls:
+        rec = recs[impl] = {"impl": impl, "mode": mode}
+        try:
+            call, reset, module, note = make_case(impl, base, mode)
+            rec["note"] = note
+            first[impl] = _warm_up_cpu(call, reset, budget)
+            cases[impl] = (call, reset)
+            modules.append(module)
+        except Exception as e:  # noqa: BLE001 - record and carry on
+            _record_failure(rec, impl, e)
+    if cases:
+        for impl, st in time_cpu_interleaved(cases, budget, retries=retries).items():
+            recs[impl].update(st, first_call_s=first[impl])
+    del cases, modules
+    return recs
 
 
 def run_suite(suite, device, dtype, modes, impls, budget, progress, memo, native, flush=True,
@@ -860,18 +917,21 @@ def run_suite(suite, device, dtype, modes, impls, budget, progress, memo, native
         kind, shape = layer["kind"], layer["shape"]
         numel = math.prod(shape)
         base = None
-        for impl in impls:
-            # train first, then fwd_bwd (same compiled graph), then eval
-            for mode in [m for m in ("train", "fwd_bwd", "eval") if m in modes]:
-                key = (str(device), str(dtype), kind, shape, impl, mode)
-                desc = f"{suite} {layer['name']} {impl} {mode}"
-                if key in memo:
-                    rec = dict(memo[key], reused=True)
+        for mode in [m for m in ("train", "fwd_bwd", "eval") if m in modes]:
+            keys = {impl: (str(device), str(dtype), kind, shape, impl, mode) for impl in impls}
+            todo = [impl for impl in impls if keys[impl] not in memo]
+            if todo:
+                if base is None:
+                    base = make_layer(kind, shape, dtype, device)
+                if device.type == "cuda":
+                    for impl in todo:
+                        memo[keys[impl]] = measure_case(impl, base, mode, device, budget, flush=flush)
                 else:
-                    if base is None:
-                        base = make_layer(kind, shape, dtype, device)
-                    rec = measure_case(impl, base, mode, device, budget, flush=flush, retries=retries)
-                    memo[key] = rec
+                    measured = measure_cases_cpu(todo, base, mode, budget, retries)
+                    memo.update({keys[impl]: rec for impl, rec in measured.items()})
+            for impl in impls:
+                desc = f"{suite} {layer['name']} {impl} {mode}"
+                rec = dict(memo[keys[impl]], reused=True) if impl not in todo else memo[keys[impl]]
                 rec = dict(rec)
                 bidir = impl in ("torch_bsn", "fused_bsn") and bsn_effective(shape)
                 rec.update({

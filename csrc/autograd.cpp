@@ -55,6 +55,10 @@ bool records_graph(const at::Tensor& weight) {
   return at::GradMode::is_enabled() && weight.requires_grad();
 }
 
+// The backward ops' own autograd (for double backward) is a Python kernel: the
+// backward below calls them through it only when it records a graph
+// (create_graph=True), and skips it otherwise.
+
 // ---------------------------------------------------------------------------
 // SN
 
@@ -71,12 +75,12 @@ ForwardResult call_sn_forward(const at::Tensor& weight, at::Tensor& u, at::Tenso
 
 at::Tensor call_sn_backward(const at::Tensor& grad_out, const at::Tensor& weight,
                             const at::Tensor& state, int64_t dim, double scale) {
-  // Through the whole dispatcher: under create_graph its own autograd records
-  // the double-backward graph.
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bsn_cuda::sn_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, int64_t, double)>();
+  if (at::GradMode::is_enabled()) return op.call(grad_out, weight, state, dim, scale);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(grad_out, weight, state, dim, scale);
 }
 
@@ -139,6 +143,8 @@ at::Tensor call_bsn_backward(const at::Tensor& grad_out, const at::Tensor& weigh
                        .findSchemaOrThrow("bsn_cuda::bsn_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, double)>();
+  if (at::GradMode::is_enabled()) return op.call(grad_out, weight, state, scale);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(grad_out, weight, state, scale);
 }
 

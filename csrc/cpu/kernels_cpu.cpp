@@ -39,6 +39,9 @@ Chunks split_rows(int64_t rows, int64_t row_len) {
   constexpr int64_t kMaxChunks = 32;            // bounds the partial-sum memory
   const int64_t total = rows * row_len;
   int64_t count = std::clamp<int64_t>(total / kMinChunkElements, 1, kMaxChunks);
+  // More than two chunks: the nearest multiple of 8, so that 2, 4 or 8 threads
+  // get equal shares (each chunk costs a partial sum of a row's length).
+  if (count > 2) count = std::min<int64_t>(std::max<int64_t>((count + 4) / 8, 1) * 8, kMaxChunks);
   count = std::min(count, rows);
   const int64_t per = (rows + count - 1) / count;
   return {per, (rows + per - 1) / per};
@@ -95,6 +98,12 @@ void sum_partials(const std::vector<A>& partial, int64_t chunks, int64_t n, A* o
 // the smallest period that is a multiple of r and of the widest vector (16
 // floats), so that every period starts vector-aligned.
 int64_t pattern_period(int64_t r) { return r / std::gcd(r, int64_t{16}) * 16; }
+// The pattern length the row primitives get: the period, repeated to at least
+// 128 elements so that their inner loops are long enough to run at full speed.
+int64_t pattern_tile(int64_t r) {
+  const int64_t period = pattern_period(r);
+  return (128 + period - 1) / period * period;
+}
 // period * 2^j of about 1K elements: the block pass 2 accumulates over.
 int64_t pattern_block(int64_t r) {
   const int64_t period = pattern_period(r);
@@ -184,7 +193,7 @@ template <typename T, typename A>
 void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A* s0,
                A* t0, A* s1, bool reverse) {
   const int64_t rows = mat[0].rows, L = mat[0].inner, R = mat[1].inner, cin = mat[1].rows;
-  const int64_t period = pattern_period(R);
+  const int64_t period = pattern_tile(R);
   const Chunks chunks = split_rows(rows, L);
   const int64_t nvec = t0 ? 2 : 1;  // per chunk: [q] or [q, t0]
   std::vector<A> partial(chunks.count * nvec * L, A(0));
@@ -261,20 +270,28 @@ void bsn_pass2(const T* w, const Matricization* mat, const A* s1, A* t1, bool re
   const int64_t block = std::min(pattern_block(R), L);
   const std::vector<A> s1_repeated = repeat_each(s1, L / R, R);
   const Chunks chunks = split_rows(rows, L);
+  constexpr int64_t kBatch = 32;  // 3x3 kernels: rows whose partial sums are folded together
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     std::vector<A> row_buf(std::is_same_v<T, A> ? 0 : L);
-    std::vector<A> acc(std::max<int64_t>(block, 144));
+    std::vector<A> acc(R == 9 ? kBatch * 144 : std::max<int64_t>(block, 16));
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, reverse);
       const int64_t i1 = std::min(rows, chunks.begin(c + 1));
+      if (R == 9) {
+        for (int64_t b = chunks.begin(c); b < i1; b += kBatch) {
+          const int64_t nb = std::min(kBatch, i1 - b);
+          for (int64_t j = 0; j < nb; ++j) {
+            const A* row = as_acc(w + (b + j) * L, L, row_buf.data());
+            periodic_acc144(row, s1_repeated.data(), L, acc.data() + j * 144);
+          }
+          fold9_rows(acc.data(), nb, std::min<int64_t>(L, 144), t1 + b * R);
+        }
+        continue;
+      }
       for (int64_t i = chunks.begin(c); i < i1; ++i) {
         const A* row = as_acc(w + i * L, L, row_buf.data());
-        if (R == 16) {  // 4x4 and 3x3 kernels: partial sums in registers
+        if (R == 16) {  // 4x4 kernels: partial sums in registers
           periodic_dot16(row, s1_repeated.data(), L, t1 + i * R);
-          continue;
-        }
-        if (R == 9) {
-          periodic_dot9(row, s1_repeated.data(), L, t1 + i * R);
           continue;
         }
         // acc[k] sums row[q] * s1[q / R] over q = k (mod block); then fold the
@@ -503,7 +520,7 @@ void backward(const BackwardParams& p) {
   const A* u1 = v0 + p.mat[0].cols();
   const A* v1 = u1 + p.mat[1].rows;
   const int64_t rows = segments, L = seg_len, R = p.mat[1].inner;
-  const int64_t period = pattern_period(R);
+  const int64_t period = pattern_tile(R);
   const A half_k = k / A(2);
   const std::vector<A> u1_repeated = repeat_each(u1, L / R, R);
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {

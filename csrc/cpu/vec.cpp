@@ -54,28 +54,42 @@ BSN_ALWAYS_INLINE A sum_sq_body(const A* __restrict x, int64_t n) {
   return combine_lanes(acc);
 }
 
-// out[r] = sum_{k = r mod R} x[k] * y[k] for r < R, with P = lcm(R, 16) partial
-// sums in registers, folded to R at the end: halving while the number of
-// periods in the buffer is even (k and k + len/2 then agree mod R), then in order.
-template <int P, int R, typename A>
-BSN_ALWAYS_INLINE void periodic_dot_body(const A* __restrict x, const A* __restrict y, int64_t n,
-                              A* __restrict out) {
-  static_assert(P % R == 0 && P % 16 == 0, "P must be a common multiple of R and 16");
-  A acc[P] = {};
-  int64_t i = 0;
+// acc[k] = sum_{q = k mod P, q < n} x[q] * y[q] for k < min(n, P), with the P
+// partial sums in registers (no zero fill: the first period assigns).
+template <int P, typename A>
+BSN_ALWAYS_INLINE void periodic_acc_body(const A* __restrict x, const A* __restrict y, int64_t n,
+                              A* __restrict acc_out) {
+  if (n < P) {
+    for (int64_t k = 0; k < n; ++k) acc_out[k] = x[k] * y[k];
+    return;
+  }
+  A acc[P];
+#pragma omp simd
+  for (int k = 0; k < P; ++k) acc[k] = x[k] * y[k];
+  int64_t i = P;
   for (; i + P <= n; i += P) {
 #pragma omp simd
     for (int k = 0; k < P; ++k) acc[k] += x[i + k] * y[i + k];
   }
   for (int k = 0; i < n; ++i, ++k) acc[k] += x[i] * y[i];
-  int len = P;
-  while ((len / R) % 2 == 0) {
-    len /= 2;
-    for (int k = 0; k < len; ++k) acc[k] += acc[k + len];
-  }
-  for (int r = 0; r < R; ++r) out[r] = acc[r];
-  for (int j = R; j < len; j += R) {
-    for (int r = 0; r < R; ++r) out[r] += acc[j + r];
+#pragma omp simd
+  for (int k = 0; k < P; ++k) acc_out[k] = acc[k];
+}
+
+// out[i * R + r] = sum_{j < len / R} acc[i * stride + j * R + r]: rows of
+// periodic partial sums folded to their R residues, j in order.
+template <int R, typename A>
+BSN_ALWAYS_INLINE void fold_rows_body(const A* __restrict acc, int64_t rows, int64_t stride,
+                                      int64_t len, A* __restrict out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const A* a = acc + i * stride;
+    A o[R];
+    for (int r = 0; r < R; ++r) o[r] = a[r];
+    for (int64_t j = R; j < len; j += R) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) o[r] += a[j + r];
+    }
+    for (int r = 0; r < R; ++r) out[i * R + r] = o[r];
   }
 }
 
@@ -166,10 +180,15 @@ BSN_ALWAYS_INLINE void periodic_dot_body(const A* __restrict x, const A* __restr
     }                                                                                   \
   }                                                                                     \
   BSN_MULTIVERSION void periodic_dot16(const A* x, const A* y, int64_t n, A* out) {     \
-    periodic_dot_body<16, 16>(x, y, n, out);                                            \
+    A acc[16];                                                                          \
+    periodic_acc_body<16>(x, y, n, acc);                                                \
+    fold_rows_body<16>(acc, 1, 16, n < 16 ? n : 16, out);                               \
   }                                                                                     \
-  BSN_MULTIVERSION void periodic_dot9(const A* x, const A* y, int64_t n, A* out) {      \
-    periodic_dot_body<144, 9>(x, y, n, out);                                            \
+  BSN_MULTIVERSION void periodic_acc144(const A* x, const A* y, int64_t n, A* acc) {    \
+    periodic_acc_body<144>(x, y, n, acc);                                               \
+  }                                                                                     \
+  BSN_MULTIVERSION void fold9_rows(const A* acc, int64_t rows, int64_t len, A* out) {   \
+    fold_rows_body<9>(acc, rows, 144, len, out);                                        \
   }
 
 BSN_DEFINE_VEC_PRIMITIVES(float)

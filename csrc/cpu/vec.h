@@ -41,10 +41,15 @@ namespace cpu {
   /* BSN pass 1) */                                                                     \
   void axpy4_and_periodic_mul_acc4(const A* a, const A* const* x, A* t,                 \
                                    const A* const* p, int64_t period, A* q, int64_t n); \
-  /* out[r] = sum_{k = r mod R} x[k] * y[k] for r < R, R = 16 or 9 (4x4 and 3x3 */      \
-  /* kernels), with the partial sums kept in registers */                               \
+  /* out[r] = sum_{k = r mod 16} x[k] * y[k] for r < 16 (4x4 kernels), partial */        \
+  /* sums in registers; n a multiple of 16 */                                           \
   void periodic_dot16(const A* x, const A* y, int64_t n, A* out);                       \
-  void periodic_dot9(const A* x, const A* y, int64_t n, A* out);
+  /* The same for 3x3 kernels in two steps: acc[k] = sum_{q = k mod 144} x[q] * y[q] */  \
+  /* (the first min(n, 144) entries), then out[i * 9 + r] = the sum of row i's */       \
+  /* acc[j * 9 + r] over j < len / 9, for rows of acc 144 apart. Folding a batch */     \
+  /* of rows after their sums are stored avoids a serial fold per row. */               \
+  void periodic_acc144(const A* x, const A* y, int64_t n, A* acc);                      \
+  void fold9_rows(const A* acc, int64_t rows, int64_t len, A* out);
 
 BSN_DECLARE_VEC_PRIMITIVES(float)
 BSN_DECLARE_VEC_PRIMITIVES(double)
