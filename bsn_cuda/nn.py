@@ -110,7 +110,7 @@ def _in_backward_pass():
 
 
 class _AccSigmaMixin:
-    """Keeps the logging buffer ``_sigma``/``_sigmas`` in the accumulation dtype
+    """Keeps the sigma log (``_sigma`` of SN, ``_sigmas`` of BSN) in the accumulation dtype
     (float32, float64 for float64 weights) across ``module.to(dtype)``/``.half()``."""
 
     def _apply(self, fn, *args, **kwargs):
