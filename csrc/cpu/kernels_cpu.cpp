@@ -145,7 +145,8 @@ template <typename T, typename A>
 void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool reverse) {
   const int64_t M = mat.rows, R = mat.inner, P = mat.outer, N = mat.cols();
   const Chunks chunks = split_rows(M, N);
-  std::vector<A> partial(t ? chunks.count * N : 0, A(0));
+  // Zeroed by the chunk that owns it, in the parallel region.
+  std::vector<A> partial(t ? chunks.count * N : 0);
   const bool direct = P == 1 && std::is_same_v<T, A>;
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     std::vector<A> row_buf(direct ? 0 : kGroup * N);
@@ -163,6 +164,7 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool 
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, reverse);
       A* tc = t ? partial.data() + c * N : nullptr;
+      if (tc) std::fill_n(tc, N, A(0));
       const int64_t m1 = std::min(M, chunks.begin(c + 1));
       int64_t m = chunks.begin(c);
       // Groups of kGroup rows: one pass over tc per group.
@@ -196,13 +198,14 @@ void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A
   const int64_t period = pattern_tile(R);
   const Chunks chunks = split_rows(rows, L);
   const int64_t nvec = t0 ? 2 : 1;  // per chunk: [q] or [q, t0]
-  std::vector<A> partial(chunks.count * nvec * L, A(0));
+  std::vector<A> partial(chunks.count * nvec * L);  // zeroed by the chunk that owns it
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     std::vector<A> row_buf(std::is_same_v<T, A> ? 0 : kGroup * L);
     std::vector<A> pattern_buf(kGroup * period);
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, reverse);
       A* qc = partial.data() + c * nvec * L;
+      std::fill_n(qc, nvec * L, A(0));
       A* tc = t0 ? qc + L : nullptr;
       const int64_t i1 = std::min(rows, chunks.begin(c + 1));
       int64_t i = chunks.begin(c);
