@@ -148,6 +148,9 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool 
   // Zeroed by the chunk that owns it, in the parallel region.
   std::vector<A> partial(t ? chunks.count * N : 0);
   const bool direct = P == 1 && std::is_same_v<T, A>;
+  // Rows this short cost more in per-row calls than in arithmetic.
+  constexpr int64_t kSkinnyCols = 32;
+  const bool skinny = direct && N <= kSkinnyCols;
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     std::vector<A> row_buf(direct ? 0 : kGroup * N);
     // Row m as contiguous acc values: in place when possible, else converted or
@@ -161,12 +164,21 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool 
       }
       return dst;
     };
+    std::vector<A> lanes(skinny ? 16 * N : 0);  // skinny rows: t's partial sums per row lane
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, reverse);
       A* tc = t ? partial.data() + c * N : nullptr;
       if (tc) std::fill_n(tc, N, A(0));
       const int64_t m1 = std::min(M, chunks.begin(c + 1));
       int64_t m = chunks.begin(c);
+      if (skinny && m + 16 <= m1) {  // 16 rows at a time, then the lanes into tc
+        const A* wa = reinterpret_cast<const A*>(w);
+        std::fill(lanes.begin(), lanes.end(), A(0));
+        for (; m + 16 <= m1; m += 16) skinny_rows16(wa + m * N, N, v, s + m, tc ? lanes.data() : nullptr);
+        for (int64_t n = 0; tc && n < N; ++n) {
+          for (int i = 0; i < 16; ++i) tc[n] += lanes[n * 16 + i];
+        }
+      }
       // Groups of kGroup rows: one pass over tc per group.
       for (; tc && m + kGroup <= m1; m += kGroup) {
         const A* rows[kGroup];
@@ -506,6 +518,14 @@ void backward(const BackwardParams& p) {
       for (int64_t kk = c0; kk < c1; ++kk) {
         const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
         const int64_t s1 = std::min(segments, chunks.begin(ch + 1));
+        if constexpr (std::is_same_v<T, A>) {
+          if (p.mat[0].outer == 1) {  // segments are the rows: one call for the chunk
+            const int64_t b = chunks.begin(ch);
+            scaled_diff_rows(a, reinterpret_cast<const A*>(g) + b * R, k, u0 + b, v0,
+                             reinterpret_cast<A*>(dw) + b * R, s1 - b, R);
+            continue;
+          }
+        }
         for (int64_t s = chunks.begin(ch); s < s1; ++s) {
           const int64_t pp = s / M, m = s % M;
           A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + s * R) : obuf.data();

@@ -180,6 +180,31 @@ BSN_ALWAYS_INLINE void fold_rows_body(const A* __restrict acc, int64_t rows, int
       }                                                                                 \
     }                                                                                   \
   }                                                                                     \
+  BSN_MULTIVERSION void skinny_rows16(const A* __restrict w, int64_t n,                 \
+                                      const A* __restrict v, A* __restrict s,           \
+                                      A* __restrict tacc) {                             \
+    A sv[16] = {};                                                                      \
+    for (int64_t c = 0; c < n; ++c) {                                                   \
+      const A vc = v[c];                                                                \
+      _Pragma("omp simd") for (int i = 0; i < 16; ++i) sv[i] += w[i * n + c] * vc;      \
+    }                                                                                   \
+    for (int i = 0; i < 16; ++i) s[i] = sv[i];                                          \
+    if (!tacc) return;                                                                  \
+    for (int64_t c = 0; c < n; ++c) {                                                   \
+      A* __restrict tc = tacc + c * 16;                                                 \
+      _Pragma("omp simd") for (int i = 0; i < 16; ++i) tc[i] += w[i * n + c] * sv[i];   \
+    }                                                                                   \
+  }                                                                                     \
+  BSN_MULTIVERSION void scaled_diff_rows(A a, const A* __restrict g, A b,               \
+                                         const A* __restrict u, const A* __restrict v,  \
+                                         A* __restrict out, int64_t rows, int64_t n) {  \
+    for (int64_t i = 0; i < rows; ++i) {                                                \
+      const A bu = b * u[i];                                                            \
+      const A* __restrict gi = g + i * n;                                               \
+      A* __restrict oi = out + i * n;                                                   \
+      _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) oi[c] = a * gi[c] - bu * v[c]; \
+    }                                                                                   \
+  }                                                                                     \
   BSN_MULTIVERSION void periodic_dot16(const A* x, const A* y, int64_t n, A* out) {     \
     A acc[64]; /* four periods: four independent FMA chains */                          \
     periodic_acc_body<64>(x, y, n, acc);                                                \

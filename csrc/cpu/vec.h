@@ -41,6 +41,14 @@ namespace cpu {
   /* BSN pass 1) */                                                                     \
   void axpy4_and_periodic_mul_acc4(const A* a, const A* const* x, A* t,                 \
                                    const A* const* p, int64_t period, A* q, int64_t n); \
+  /* Short rows (SN of tall, narrow weights, e.g. [24576, 20]): for 16 rows of n */      \
+  /* elements starting at w, s[i] = w[i, :] . v and, if tacc, */                        \
+  /* tacc[c * 16 + i] += w[i, c] * s[i] (lanes summed by the caller). Vectorized */     \
+  /* across the rows, so the cost per row is a few instructions, not a call. */         \
+  void skinny_rows16(const A* w, int64_t n, const A* v, A* s, A* tacc);                 \
+  /* out[i, :] = a * g[i, :] - b * u[i] * v for rows i < rows of n elements */          \
+  void scaled_diff_rows(A a, const A* g, A b, const A* u, const A* v, A* out,           \
+                        int64_t rows, int64_t n);                                       \
   /* out[r] = sum_{k = r mod 16} x[k] * y[k] for r < 16 (4x4 kernels), partial */        \
   /* sums in registers; n a multiple of 16 */                                           \
   void periodic_dot16(const A* x, const A* y, int64_t n, A* out);                       \
