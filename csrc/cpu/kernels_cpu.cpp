@@ -67,28 +67,41 @@ inline int64_t chunk_at(int64_t c0, int64_t c1, int64_t k, bool reverse) {
 }
 
 // A pointer to n values of src as acc type: src itself when it already is,
-// else a conversion into scratch.
+// else a conversion into buf (unused, and may be null, in the first case).
 template <typename T, typename A>
-const A* as_acc(const T* src, int64_t n, A* scratch) {
+const A* as_acc(const T* src, int64_t n, A* buf) {
   if constexpr (std::is_same_v<T, A>) {
     return src;
   } else {
-    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<A>(src[i]);
-    return scratch;
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<A>(src[i]);
+    return buf;
   }
+}
+
+// Scratch memory kept per thread and slot across calls: these kernels run on
+// every forward and backward, and fresh heap blocks of tens of KB per call make
+// glibc trim its heap and page-fault it back in. Buffers that are alive at the
+// same time in one thread need different slots (the calling thread also runs
+// chunks of the parallel loops). Contents are unspecified: callers initialize.
+enum Slot { kPartial, kSums, kRepeated, kRowBuf, kPattern, kAcc, kLanes, kGradBuf, kOutBuf };
+template <typename A, Slot slot>
+A* scratch(int64_t n) {
+  thread_local std::vector<A> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
 }
 
 // out[c] = sum over chunks k (in order) of partial[k * n + c]. Parallel over
 // column blocks, the order of the sum per element is fixed.
 template <typename A>
-void sum_partials(const std::vector<A>& partial, int64_t chunks, int64_t n, A* out) {
+void sum_partials(const A* partial, int64_t chunks, int64_t n, A* out) {
   constexpr int64_t kBlock = 4096;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, chunks * kBlock >= 65536 ? 1 : blocks, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kBlock, c1 = std::min(n, c0 + kBlock);
-      std::copy(partial.begin() + c0, partial.begin() + c1, out + c0);
-      for (int64_t k = 1; k < chunks; ++k) axpy(A(1), partial.data() + k * n + c0, out + c0, c1 - c0);
+      std::copy(partial + c0, partial + c1, out + c0);
+      for (int64_t k = 1; k < chunks; ++k) axpy(A(1), partial + k * n + c0, out + c0, c1 - c0);
     }
   });
 }
@@ -112,11 +125,11 @@ int64_t pattern_block(int64_t r) {
   return block;
 }
 
-// [x[0] (times r), x[1] (times r), ..., x[n - 1] (times r)]
+// [x[0] (times r), x[1] (times r), ..., x[n - 1] (times r)], in scratch.
 template <typename A>
-std::vector<A> repeat_each(const A* x, int64_t n, int64_t r) {
-  std::vector<A> out(n * r);
-  for (int64_t j = 0; j < n; ++j) std::fill_n(out.begin() + j * r, r, x[j]);
+const A* repeat_each(const A* x, int64_t n, int64_t r) {
+  A* out = scratch<A, kRepeated>(n * r);
+  for (int64_t j = 0; j < n; ++j) std::fill_n(out + j * r, r, x[j]);
   return out;
 }
 
@@ -146,17 +159,17 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool 
   const int64_t M = mat.rows, R = mat.inner, P = mat.outer, N = mat.cols();
   const Chunks chunks = split_rows(M, N);
   // Zeroed by the chunk that owns it, in the parallel region.
-  std::vector<A> partial(t ? chunks.count * N : 0);
+  A* const partial = t ? scratch<A, kPartial>(chunks.count * N) : nullptr;
   const bool direct = P == 1 && std::is_same_v<T, A>;
   // Rows this short cost more in per-row calls than in arithmetic.
   constexpr int64_t kSkinnyCols = 32;
   const bool skinny = direct && N <= kSkinnyCols;
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
-    std::vector<A> row_buf(direct ? 0 : kGroup * N);
+    A* const row_buf = direct ? nullptr : scratch<A, kRowBuf>(kGroup * N);
     // Row m as contiguous acc values: in place when possible, else converted or
     // gathered (P > 1: the row is P strided segments) into slot's scratch.
     auto load_row = [&](int64_t m, int slot) -> const A* {
-      A* dst = row_buf.data() + slot * N;
+      A* dst = row_buf ? row_buf + slot * N : nullptr;
       if (P == 1) return as_acc(w + m * R, N, dst);
       for (int64_t p = 0; p < P; ++p) {
         const T* src = w + (p * M + m) * R;
@@ -164,17 +177,17 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool 
       }
       return dst;
     };
-    std::vector<A> lanes(skinny ? 16 * N : 0);  // skinny rows: t's partial sums per row lane
+    A* const lanes = skinny ? scratch<A, kLanes>(16 * N) : nullptr;  // skinny rows: t's sums per row lane
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, reverse);
-      A* tc = t ? partial.data() + c * N : nullptr;
+      A* tc = t ? partial + c * N : nullptr;
       if (tc) std::fill_n(tc, N, A(0));
       const int64_t m1 = std::min(M, chunks.begin(c + 1));
       int64_t m = chunks.begin(c);
       if (skinny && m + 16 <= m1) {  // 16 rows at a time, then the lanes into tc
         const A* wa = reinterpret_cast<const A*>(w);
-        std::fill(lanes.begin(), lanes.end(), A(0));
-        for (; m + 16 <= m1; m += 16) skinny_rows16(wa + m * N, N, v, s + m, tc ? lanes.data() : nullptr);
+        std::fill_n(lanes, 16 * N, A(0));
+        for (; m + 16 <= m1; m += 16) skinny_rows16(wa + m * N, N, v, s + m, tc ? lanes : nullptr);
         for (int64_t n = 0; tc && n < N; ++n) {
           for (int i = 0; i < 16; ++i) tc[n] += lanes[n * 16 + i];
         }
@@ -210,13 +223,13 @@ void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A
   const int64_t period = pattern_tile(R);
   const Chunks chunks = split_rows(rows, L);
   const int64_t nvec = t0 ? 2 : 1;  // per chunk: [q] or [q, t0]
-  std::vector<A> partial(chunks.count * nvec * L);  // zeroed by the chunk that owns it
+  A* const partial = scratch<A, kPartial>(chunks.count * nvec * L);  // zeroed by its chunk
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
-    std::vector<A> row_buf(std::is_same_v<T, A> ? 0 : kGroup * L);
-    std::vector<A> pattern_buf(kGroup * period);
+    A* const row_buf = std::is_same_v<T, A> ? nullptr : scratch<A, kRowBuf>(kGroup * L);
+    A* const pattern_buf = scratch<A, kPattern>(kGroup * period);
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, reverse);
-      A* qc = partial.data() + c * nvec * L;
+      A* qc = partial + c * nvec * L;
       std::fill_n(qc, nvec * L, A(0));
       A* tc = t0 ? qc + L : nullptr;
       const int64_t i1 = std::min(rows, chunks.begin(c + 1));
@@ -227,19 +240,19 @@ void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A
         const A* pattern[kGroup];
         A coef[kGroup];
         for (int g = 0; g < kGroup; ++g) {
-          row[g] = as_acc(w + (i + g) * L, L, row_buf.data() + g * L);
+          row[g] = as_acc(w + (i + g) * L, L, row_buf ? row_buf + g * L : nullptr);
           coef[g] = s0[i + g] = dot(row[g], v0, L);
-          A* pat = pattern_buf.data() + g * period;
+          A* pat = pattern_buf + g * period;
           fill_pattern(v1 + (i + g) * R, R, period, pat);
           pattern[g] = pat;
         }
         axpy4_and_periodic_mul_acc4(coef, row, tc, pattern, period, qc, L);
       }
       for (; i < i1; ++i) {
-        const A* row = as_acc(w + i * L, L, row_buf.data());
+        const A* row = as_acc(w + i * L, L, row_buf);
         const A si = dot(row, v0, L);
         s0[i] = si;
-        A* pattern = pattern_buf.data();
+        A* pattern = pattern_buf;
         fill_pattern(v1 + i * R, R, period, pattern);
         if (tc) {
           axpy_and_periodic_mul_acc(si, row, tc, pattern, period, qc, L);
@@ -250,12 +263,10 @@ void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A
     }
   });
   // Reduce [q, t0] of every chunk in chunk order, then segment-sum q into s1.
-  std::vector<A> sums(nvec * L);
-  {
-    // partial is laid out chunk-major with nvec * L values per chunk.
-    sum_partials(partial, chunks.count, nvec * L, sums.data());
-  }
-  if (t0) std::copy(sums.begin() + L, sums.end(), t0);
+  // partial is laid out chunk-major with nvec * L values per chunk.
+  A* const sums = scratch<A, kSums>(nvec * L);
+  sum_partials(partial, chunks.count, nvec * L, sums);
+  if (t0) std::copy(sums + L, sums + 2 * L, t0);
   for (int64_t j = 0; j < cin; ++j) {
     A acc = 0;
     for (int64_t r = 0; r < R; ++r) acc += sums[j * R + r];
@@ -283,12 +294,12 @@ template <typename T, typename A>
 void bsn_pass2(const T* w, const Matricization* mat, const A* s1, A* t1, bool reverse) {
   const int64_t rows = mat[0].rows, L = mat[0].inner, R = mat[1].inner;
   const int64_t block = std::min(pattern_block(R), L);
-  const std::vector<A> s1_repeated = repeat_each(s1, L / R, R);
+  const A* const s1_repeated = repeat_each(s1, L / R, R);
   const Chunks chunks = split_rows(rows, L);
   constexpr int64_t kBatch = 32;  // 3x3 kernels: rows whose partial sums are folded together
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
-    std::vector<A> row_buf(std::is_same_v<T, A> ? 0 : L);
-    std::vector<A> acc(R == 9 ? kBatch * 144 : std::max<int64_t>(block, 16));
+    A* const row_buf = std::is_same_v<T, A> ? nullptr : scratch<A, kRowBuf>(L);
+    A* const acc = scratch<A, kAcc>(R == 9 ? kBatch * 144 : std::max<int64_t>(block, 16));
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, reverse);
       const int64_t i1 = std::min(rows, chunks.begin(c + 1));
@@ -296,26 +307,26 @@ void bsn_pass2(const T* w, const Matricization* mat, const A* s1, A* t1, bool re
         for (int64_t b = chunks.begin(c); b < i1; b += kBatch) {
           const int64_t nb = std::min(kBatch, i1 - b);
           for (int64_t j = 0; j < nb; ++j) {
-            const A* row = as_acc(w + (b + j) * L, L, row_buf.data());
-            periodic_acc144(row, s1_repeated.data(), L, acc.data() + j * 144);
+            const A* row = as_acc(w + (b + j) * L, L, row_buf);
+            periodic_acc144(row, s1_repeated, L, acc + j * 144);
           }
-          fold9_rows(acc.data(), nb, std::min<int64_t>(L, 144), t1 + b * R);
+          fold9_rows(acc, nb, std::min<int64_t>(L, 144), t1 + b * R);
         }
         continue;
       }
       for (int64_t i = chunks.begin(c); i < i1; ++i) {
-        const A* row = as_acc(w + i * L, L, row_buf.data());
+        const A* row = as_acc(w + i * L, L, row_buf);
         if (R == 16) {  // 4x4 kernels: partial sums in registers
-          periodic_dot16(row, s1_repeated.data(), L, t1 + i * R);
+          periodic_dot16(row, s1_repeated, L, t1 + i * R);
           continue;
         }
         // acc[k] sums row[q] * s1[q / R] over q = k (mod block); then fold the
         // block down to its R residues mod R.
-        std::fill(acc.begin(), acc.end(), A(0));
+        std::fill_n(acc, block, A(0));
         for (int64_t k = 0; k < L; k += block) {
-          mul_acc(row + k, s1_repeated.data() + k, acc.data(), std::min(block, L - k));
+          mul_acc(row + k, s1_repeated + k, acc, std::min(block, L - k));
         }
-        fold_residues(acc.data(), block, R, t1 + i * R);
+        fold_residues(acc, block, R, t1 + i * R);
       }
     }
   });
@@ -491,14 +502,15 @@ void backward(const BackwardParams& p) {
   std::vector<A> partial(chunks.count);
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     constexpr int64_t kBlock = 4096;
-    std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : kBlock), wbuf(gbuf.size());
+    A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(kBlock);
+    A* const wbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(kBlock);
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t b = chunks.begin(ch) * seg_len;
       const int64_t e = std::min(segments, chunks.begin(ch + 1)) * seg_len;
       A sum = 0;
       for (int64_t i = b; i < e; i += kBlock) {
         const int64_t n = std::min(kBlock, e - i);
-        sum += dot(as_acc(g + i, n, gbuf.data()), as_acc(w + i, n, wbuf.data()), n);
+        sum += dot(as_acc(g + i, n, gbuf), as_acc(w + i, n, wbuf), n);
       }
       partial[ch] = sum;
     }
@@ -514,7 +526,8 @@ void backward(const BackwardParams& p) {
     // Segments of R contiguous elements: W[p, m, :] has dsigma/dW = u[m] * v[p*R : p*R+R].
     const int64_t M = p.mat[0].rows, R = seg_len;
     for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
-      std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : R), obuf(R);
+      A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(R);
+      A* const obuf = scratch<A, kOutBuf>(R);
       for (int64_t kk = c0; kk < c1; ++kk) {
         const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
         const int64_t s1 = std::min(segments, chunks.begin(ch + 1));
@@ -528,8 +541,8 @@ void backward(const BackwardParams& p) {
         }
         for (int64_t s = chunks.begin(ch); s < s1; ++s) {
           const int64_t pp = s / M, m = s % M;
-          A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + s * R) : obuf.data();
-          scaled_diff(a, as_acc(g + s * R, R, gbuf.data()), k * u0[m], v0 + pp * R, out, R);
+          A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + s * R) : obuf;
+          scaled_diff(a, as_acc(g + s * R, R, gbuf), k * u0[m], v0 + pp * R, out, R);
           if constexpr (!std::is_same_v<T, A>) {
             for (int64_t r = 0; r < R; ++r) dw[s * R + r] = static_cast<T>(out[r]);
           }
@@ -545,17 +558,19 @@ void backward(const BackwardParams& p) {
   const int64_t rows = segments, L = seg_len, R = p.mat[1].inner;
   const int64_t period = pattern_tile(R);
   const A half_k = k / A(2);
-  const std::vector<A> u1_repeated = repeat_each(u1, L / R, R);
+  const A* const u1_repeated = repeat_each(u1, L / R, R);
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
-    std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : L), obuf(L), pattern(period);
+    A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(L);
+    A* const obuf = scratch<A, kOutBuf>(L);
+    A* const pattern = scratch<A, kPattern>(period);
     for (int64_t kk = c0; kk < c1; ++kk) {
       const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
       const int64_t i1 = std::min(rows, chunks.begin(ch + 1));
       for (int64_t i = chunks.begin(ch); i < i1; ++i) {
-        const A* grow = as_acc(g + i * L, L, gbuf.data());
-        A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + i * L) : obuf.data();
-        fill_pattern(v1 + i * R, R, period, pattern.data());
-        scaled_diff2(a, grow, half_k * u0[i], v0, half_k, u1_repeated.data(), pattern.data(),
+        const A* grow = as_acc(g + i * L, L, gbuf);
+        A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + i * L) : obuf;
+        fill_pattern(v1 + i * R, R, period, pattern);
+        scaled_diff2(a, grow, half_k * u0[i], v0, half_k, u1_repeated, pattern,
                      period, out, L);
         if constexpr (!std::is_same_v<T, A>) {
           for (int64_t q = 0; q < L; ++q) dw[i * L + q] = static_cast<T>(out[q]);
