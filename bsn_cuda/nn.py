@@ -655,9 +655,17 @@ def spectral_norm_checkpoint_context():
     Plain checkpointing in eager mode is handled without it (the recomputation
     does not update the vectors again and evaluates sigma from them): gradients
     equal to rounding for one training forward per backward; with several, the
-    recomputation of the earlier ones uses the latest vectors. Needs torch >= 2.4 and the compiled ops (the reference fallback
-    is recomputed, which is still correct in eager mode).
+    recomputation of the earlier ones uses the latest vectors. Needs torch >=
+    2.5 (for ``create_selective_checkpoint_contexts``; a RuntimeError says so
+    on older torch) and the compiled ops (the reference fallback is
+    recomputed, which is still correct in eager mode).
     """
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
+    try:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    except ImportError as exc:  # torch < 2.5
+        raise RuntimeError(
+            "spectral_norm_checkpoint_context: expected torch >= 2.5 "
+            "(torch.utils.checkpoint.create_selective_checkpoint_contexts), "
+            f"got torch {torch.__version__}; plain checkpointing works without it"
+        ) from exc
     return create_selective_checkpoint_contexts(_save_spectral_norm_policy)

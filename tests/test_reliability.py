@@ -547,7 +547,17 @@ def _gan_step(model, real, fake, wrap):
     return loss.detach()
 
 
+_HAS_SELECTIVE_CHECKPOINT = hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
+
+
+@pytest.mark.skipif(_HAS_SELECTIVE_CHECKPOINT, reason="torch has selective checkpointing")
+def test_selective_checkpoint_context_names_the_torch_it_needs():
+    with pytest.raises(RuntimeError, match=r"expected torch >= 2\.5"):
+        spectral_norm_checkpoint_context()
+
+
 @requires_ops
+@pytest.mark.skipif(not _HAS_SELECTIVE_CHECKPOINT, reason="selective checkpointing needs torch >= 2.5")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_selective_checkpoint_context_is_exact(compiled):
     """spectral_norm_checkpoint_context saves the SN ops' outputs: bitwise the
