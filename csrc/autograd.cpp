@@ -55,9 +55,15 @@ bool records_graph(const at::Tensor& weight) {
   return at::GradMode::is_enabled() && weight.requires_grad();
 }
 
-// The backward ops' own autograd (for double backward) is a Python kernel: the
-// backward below calls them through it only when it records a graph
-// (create_graph=True), and skips it otherwise.
+// Calls a backward op. Its own autograd (for double backward) is a Python
+// kernel: go through it only when the backward records a graph
+// (create_graph=True), and skip it otherwise.
+template <typename Op, typename... Args>
+at::Tensor call_backward_op(const Op& op, const Args&... args) {
+  if (at::GradMode::is_enabled()) return op.call(args...);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(args...);
+}
 
 // ---------------------------------------------------------------------------
 // SN
@@ -79,9 +85,7 @@ at::Tensor call_sn_backward(const at::Tensor& grad_out, const at::Tensor& weight
                        .findSchemaOrThrow("bsn_cuda::sn_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, int64_t, double)>();
-  if (at::GradMode::is_enabled()) return op.call(grad_out, weight, state, dim, scale);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grad_out, weight, state, dim, scale);
+  return call_backward_op(op, grad_out, weight, state, dim, scale);
 }
 
 class SNForward : public torch::autograd::Function<SNForward> {
@@ -143,9 +147,7 @@ at::Tensor call_bsn_backward(const at::Tensor& grad_out, const at::Tensor& weigh
                        .findSchemaOrThrow("bsn_cuda::bsn_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, double)>();
-  if (at::GradMode::is_enabled()) return op.call(grad_out, weight, state, scale);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grad_out, weight, state, scale);
+  return call_backward_op(op, grad_out, weight, state, scale);
 }
 
 class BSNForward : public torch::autograd::Function<BSNForward> {

@@ -299,7 +299,7 @@ void bsn_pass2(const T* w, const Matricization* mat, const A* s1, A* t1, bool re
   constexpr int64_t kBatch = 32;  // 3x3 kernels: rows whose partial sums are folded together
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     A* const row_buf = std::is_same_v<T, A> ? nullptr : scratch<A, kRowBuf>(L);
-    A* const acc = scratch<A, kAcc>(R == 9 ? kBatch * 144 : std::max<int64_t>(block, 16));
+    A* const acc = R == 16 ? nullptr : scratch<A, kAcc>(R == 9 ? kBatch * 144 : block);
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, reverse);
       const int64_t i1 = std::min(rows, chunks.begin(c + 1));
@@ -527,25 +527,26 @@ void backward(const BackwardParams& p) {
     const int64_t M = p.mat[0].rows, R = seg_len;
     for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
       A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(R);
-      A* const obuf = scratch<A, kOutBuf>(R);
+      A* const obuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(R);
       for (int64_t kk = c0; kk < c1; ++kk) {
         const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
         const int64_t s1 = std::min(segments, chunks.begin(ch + 1));
-        if constexpr (std::is_same_v<T, A>) {
-          if (p.mat[0].outer == 1) {  // segments are the rows: one call for the chunk
-            const int64_t b = chunks.begin(ch);
-            scaled_diff_rows(a, reinterpret_cast<const A*>(g) + b * R, k, u0 + b, v0,
-                             reinterpret_cast<A*>(dw) + b * R, s1 - b, R);
-            continue;
-          }
-        }
-        for (int64_t s = chunks.begin(ch); s < s1; ++s) {
+        // Runs of segments with the same p share v's segment: one call per run
+        // (with dim 0 the whole chunk is one run).
+        for (int64_t s = chunks.begin(ch); s < s1;) {
           const int64_t pp = s / M, m = s % M;
-          A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + s * R) : obuf;
-          scaled_diff(a, as_acc(g + s * R, R, gbuf), k * u0[m], v0 + pp * R, out, R);
-          if constexpr (!std::is_same_v<T, A>) {
-            for (int64_t r = 0; r < R; ++r) dw[s * R + r] = static_cast<T>(out[r]);
+          const int64_t run = std::min(s1, (pp + 1) * M) - s;
+          if constexpr (std::is_same_v<T, A>) {
+            scaled_diff_rows(a, g + s * R, k, u0 + m, v0 + pp * R, dw + s * R, run, R);
+          } else {  // through acc-type buffers, one segment at a time
+            for (int64_t j = 0; j < run; ++j) {
+              const int64_t sj = s + j;
+              scaled_diff_rows(a, as_acc(g + sj * R, R, gbuf), k, u0 + m + j, v0 + pp * R, obuf,
+                               int64_t{1}, R);
+              for (int64_t r = 0; r < R; ++r) dw[sj * R + r] = static_cast<T>(obuf[r]);
+            }
           }
+          s += run;
         }
       }
     });

@@ -129,11 +129,6 @@ BSN_ALWAYS_INLINE void fold_rows_body(const A* __restrict acc, int64_t rows, int
                                 A* __restrict acc, int64_t n) {                         \
     _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) acc[i] += x[i] * y[i];          \
   }                                                                                     \
-  BSN_MULTIVERSION void scaled_diff(A a, const A* __restrict g, A b,                    \
-                                    const A* __restrict v, A* __restrict out,           \
-                                    int64_t n) {                                        \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) out[i] = a * g[i] - b * v[i];   \
-  }                                                                                     \
   BSN_MULTIVERSION void scaled_diff2(A a, const A* __restrict g, A b,                   \
                                      const A* __restrict v, A c, const A* __restrict w, \
                                      const A* __restrict p, int64_t period,             \

@@ -26,8 +26,6 @@ namespace cpu {
   void periodic_mul_acc(const A* x, const A* p, int64_t period, A* q, int64_t n);       \
   /* acc += x * y */                                                                    \
   void mul_acc(const A* x, const A* y, A* acc, int64_t n);                              \
-  /* out = a * g - b * v */                                                             \
-  void scaled_diff(A a, const A* g, A b, const A* v, A* out, int64_t n);                \
   /* out[k] = a * g[k] - b * v[k] - c * w[k] * p[k % period]   (BSN gradient row) */   \
   void scaled_diff2(A a, const A* g, A b, const A* v, A c, const A* w, const A* p,      \
                     int64_t period, A* out, int64_t n);                                 \
