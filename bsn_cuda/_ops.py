@@ -20,9 +20,11 @@ import warnings
 import torch
 
 from . import reference
+from ._context import is_compiling as _is_compiling
+from ._context import transforms_active as _transforms_active
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.bsn_cuda.*)
+    from . import _C  # loading it registers torch.ops.bsn_cuda.*
 
     HAS_EXTENSION = True
     EXTENSION_ERROR = None
@@ -264,21 +266,77 @@ OP_DEVICES = _devices_with_kernels()
 
 # ---------------------------------------------------------------------------
 # Entry points.
+#
+# Eager calls go through bsn_cuda._C's fast entry points (the same op, called
+# from C++ with fixed argument types; see csrc/python_api.cpp), which return
+# None when a call needs the general path below. torch.compile traces the
+# torch.ops call. Under torch.func transforms and forward-mode AD, which the
+# fused ops do not support (no batching rule, no forward derivative), the
+# differentiable reference runs instead, so derivatives are never missing.
+
+_FAST = _C if HAS_EXTENSION else None
 
 
-def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
+def _write_log(log, state, header):
+    # log[:] = state[:header] (a one-sigma header broadcast to a longer log).
+    if log.shape[0] == header:
+        torch.narrow_copy(state, 0, 0, header, out=log)
+    else:
+        with torch.no_grad():
+            log.copy_(state[:header])
+
+
+def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=None):
     """``bsn_cuda::sn_forward`` (or its reference); returns ``(out, state)``.
 
     Updates ``u``/``v`` in place when ``update``; ``out`` is differentiable
-    with respect to ``weight``.
+    with respect to ``weight``. ``log``: an optional 1-D tensor of the state's
+    dtype that receives sigma (``state[0]``, broadcast to its length).
     """
+    if not _is_compiling():
+        if _transforms_active():
+            return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
+        if _FAST is not None:
+            result = _FAST.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
+            if result is not None:
+                return result
     if weight.device.type in OP_DEVICES:
-        return torch.ops.bsn_cuda.sn_forward.default(weight, u, v, dim, n_power_iterations, eps, scale, update)
-    return reference.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update)
+        out, state = torch.ops.bsn_cuda.sn_forward.default(weight, u, v, dim, n_power_iterations, eps, scale, update)
+        if log is not None:
+            _write_log(log, state, 1)
+        return out, state
+    return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
 
 
-def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
-    """``bsn_cuda::bsn_forward`` (or its reference); returns ``(out, state)``."""
+def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log=None):
+    """``bsn_cuda::bsn_forward`` (or its reference); returns ``(out, state)``.
+    ``log`` receives ``[sigma, sigma_0, sigma_1]`` (``state[:3]``)."""
+    if not _is_compiling():
+        if _transforms_active():
+            return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+        if _FAST is not None:
+            result = _FAST.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+            if result is not None:
+                return result
     if weight.device.type in OP_DEVICES:
-        return torch.ops.bsn_cuda.bsn_forward.default(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
-    return reference.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
+        out, state = torch.ops.bsn_cuda.bsn_forward.default(
+            weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update
+        )
+        if log is not None:
+            _write_log(log, state, 3)
+        return out, state
+    return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+
+
+def _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log):
+    out, state = reference.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update)
+    if log is not None:
+        _write_log(log, state.detach(), 1)
+    return out, state
+
+
+def _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log):
+    out, state = reference.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
+    if log is not None:
+        _write_log(log, state.detach(), 3)
+    return out, state

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import nn as _bsn_nn
+from ._checks import check_int, check_module
+from .nn.parametrizations import PARAMETRIZATIONS as _PARAMETRIZATIONS
 
 __all__ = ["EMA", "update_ema", "refresh_spectral_norm"]
 
@@ -46,18 +47,6 @@ def _unwrap(model):
             model = model._orig_mod
         else:
             return model
-
-
-def _check_module(model, what):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected {what} to be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _check_n_power_iterations(n_power_iterations):
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral):
-        raise TypeError(f"expected n_power_iterations to be an int, got {type(n_power_iterations).__name__}")
-    if n_power_iterations < 0:
-        raise ValueError(f"expected n_power_iterations >= 0, got {n_power_iterations}")
 
 
 def _check_decay(decay):
@@ -74,7 +63,7 @@ def _spectral_norms(model):
             continue
         for name, plist in module.parametrizations.items():
             for index, p in enumerate(plist):
-                if isinstance(p, _bsn_nn._OURS):
+                if isinstance(p, _PARAMETRIZATIONS):
                     yield prefix, module, name, index, p
 
 
@@ -100,8 +89,8 @@ def refresh_spectral_norm(model, n_power_iterations=1):
     For vectors edited by arithmetic (averaged, interpolated, loaded from an
     averaged checkpoint). Vectors that are zero or not finite are left alone.
     """
-    _check_module(model, "model")
-    _check_n_power_iterations(n_power_iterations)
+    check_module(model, "model")
+    check_int("n_power_iterations", n_power_iterations, minimum=0)
     for _, module, name, index, p in _spectral_norms(_unwrap(model)):
         for vec_name in _vector_names(p):
             vec = p._buffers[vec_name]
@@ -128,10 +117,10 @@ def update_ema(ema_model, model, decay, *, n_power_iterations=1):
     ``model`` may be wrapped in DistributedDataParallel/DataParallel or
     torch.compile. Returns ``ema_model``.
     """
-    _check_module(ema_model, "ema_model")
-    _check_module(model, "model")
+    check_module(ema_model, "ema_model")
+    check_module(model, "model")
     _check_decay(decay)
-    _check_n_power_iterations(n_power_iterations)
+    check_int("n_power_iterations", n_power_iterations, minimum=0)
     ema_model, model = _unwrap(ema_model), _unwrap(model)
 
     ema_params = dict(ema_model.named_parameters())
@@ -172,9 +161,9 @@ class EMA(nn.Module):
 
     def __init__(self, model, decay=0.999, n_power_iterations=1):
         super().__init__()
-        _check_module(model, "model")
+        check_module(model, "model")
         _check_decay(decay)
-        _check_n_power_iterations(n_power_iterations)
+        check_int("n_power_iterations", n_power_iterations, minimum=0)
         self.decay = float(decay)
         self.n_power_iterations = n_power_iterations
         self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)

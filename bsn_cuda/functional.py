@@ -12,13 +12,11 @@ returned as ``scale * W`` instead of NaN, and a non-finite weight leaves the
 vectors unchanged instead of poisoning them.
 """
 
-import math
-import numbers
-
 import torch
 import torch.nn.functional as F
 
 from . import _ops, reference
+from ._checks import check_bool, check_hyperparameters, check_int, check_positive_float, check_tensor
 
 __all__ = [
     "spectral_norm",
@@ -33,44 +31,12 @@ __all__ = [
 
 # ---------------------------------------------------------------------------
 # Argument checks: Python-level values get ValueError/TypeError naming the
-# argument; tensor shapes, dtypes and devices are checked by the ops (RuntimeError).
-
-
-def _check_tensor(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(value).__name__}")
-
-
-def _check_int(name, value, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"expected {name} to be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"expected {name} >= {minimum}, got {value}")
-
-
-def _check_positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"expected {name} to be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"expected {name} > 0 and finite, got {value}")
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"expected {name} to be a bool, got {type(value).__name__}")
-
-
-def check_hyperparameters(n_power_iterations, eps, scale):
-    """Validate the scalar arguments shared by every entry point."""
-    _check_int("n_power_iterations", n_power_iterations, minimum=1)
-    _check_positive_float("eps", eps)
-    _check_positive_float("scale", scale)
+# argument (bsn_cuda._checks); tensor shapes, dtypes and devices are checked by
+# the ops (RuntimeError).
 
 
 def _check_weight(weight):
-    _check_tensor("weight", weight)
+    check_tensor("weight", weight)
     if weight.ndim == 0:
         raise ValueError("expected weight with at least 1 dimension, got a 0-D tensor")
     if not weight.is_floating_point():
@@ -78,7 +44,7 @@ def _check_weight(weight):
 
 
 def _normalize_dim(dim, ndim):
-    _check_int("dim", dim)
+    check_int("dim", dim)
     if not -ndim <= dim < ndim:
         raise ValueError(f"expected dim in [{-ndim}, {ndim - 1}] for a weight with {ndim} dimensions, got {dim}")
     return dim + ndim if dim < 0 else dim
@@ -121,11 +87,11 @@ def spectral_norm(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, scale=1.
     _check_weight(weight)
     dim = _normalize_dim(dim, weight.ndim)
     check_hyperparameters(n_power_iterations, eps, scale)
-    _check_bool("training", training)
+    check_bool("training", training)
     if weight.ndim == 1:
         return reference.normalize_vector(weight, eps, scale)
-    _check_tensor("u", u)
-    _check_tensor("v", v)
+    check_tensor("u", u)
+    check_tensor("v", v)
     out, _ = _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, training)
     return out
 
@@ -146,16 +112,16 @@ def bidirectional_spectral_norm(weight, u0, v0, u1, v1, n_power_iterations=1, ep
     """
     _check_weight(weight)
     check_hyperparameters(n_power_iterations, eps, scale)
-    _check_bool("training", training)
+    check_bool("training", training)
     if weight.ndim == 1:
         return reference.normalize_vector(weight, eps, scale)
-    _check_tensor("u0", u0)
-    _check_tensor("v0", v0)
+    check_tensor("u0", u0)
+    check_tensor("v0", v0)
     if uses_single_matricization(weight.shape):
         out, _ = _ops.sn_forward(weight, u0, v0, 0, n_power_iterations, eps, scale, training)
         return out
-    _check_tensor("u1", u1)
-    _check_tensor("v1", v1)
+    check_tensor("u1", u1)
+    check_tensor("v1", v1)
     out, _ = _ops.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, training)
     return out
 
@@ -185,7 +151,7 @@ def init_sn_vectors(weight, dim=0, eps=1e-12):
     if weight.ndim < 2:
         raise ValueError(f"expected weight with at least 2 dimensions, got {weight.ndim}")
     dim = _normalize_dim(dim, weight.ndim)
-    _check_positive_float("eps", eps)
+    check_positive_float("eps", eps)
     return _random_pair(weight, dim, eps)
 
 
@@ -200,7 +166,7 @@ def init_bsn_vectors(weight, eps=1e-12):
     _check_weight(weight)
     if weight.ndim < 2:
         raise ValueError(f"expected weight with at least 2 dimensions, got {weight.ndim}")
-    _check_positive_float("eps", eps)
+    check_positive_float("eps", eps)
     u0, v0 = _random_pair(weight, 0, eps)
     if uses_single_matricization(weight.shape):
         return u0, v0, None, None

@@ -34,6 +34,17 @@ void check_buffers(const char* op, const at::Tensor& weight,
   }
 }
 
+// The fused ops have no forward derivative: a weight with a tangent (forward-
+// mode AD) must fail loudly instead of giving an output without one.
+// bsn_cuda's Python entry points route forward-mode AD and torch.func
+// transforms to the differentiable reference before they get here.
+void check_no_tangent(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(!weight._fw_grad(/*level=*/0).defined(), op,
+              ": expected a weight without a forward-mode tangent, got a dual tensor (the fused "
+              "op has no forward derivative; bsn_cuda.functional and the module API run "
+              "forward-mode AD through the reference implementation)");
+}
+
 // The kernels write u/v through raw pointers; tell autograd, as torch's own
 // in-place ops do, so that a stale saved copy is detected. Inference tensors
 // have no version counter.
@@ -117,6 +128,7 @@ ForwardResult sn_forward_autograd(const at::Tensor& weight, at::Tensor& u, at::T
                                   int64_t dim, int64_t n_power_iterations, double eps,
                                   double scale, bool update) {
   check_buffers("bsn_cuda::sn_forward", weight, {{"u", &u}, {"v", &v}});
+  check_no_tangent("bsn_cuda::sn_forward", weight);
   bump_versions({&u, &v});
   if (!records_graph(weight)) {
     return call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
@@ -180,6 +192,7 @@ ForwardResult bsn_forward_autograd(const at::Tensor& weight, at::Tensor& u0, at:
                                    bool update) {
   check_buffers("bsn_cuda::bsn_forward", weight,
                 {{"u0", &u0}, {"v0", &v0}, {"u1", &u1}, {"v1", &v1}});
+  check_no_tangent("bsn_cuda::bsn_forward", weight);
   bump_versions({&u0, &v0, &u1, &v1});
   if (!records_graph(weight)) {
     return call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);

@@ -12,7 +12,9 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import bsn_cuda
 from bsn_cuda import _ops, functional, reference
-from bsn_cuda.nn import BidirectionalSpectralNorm, SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySN
+
+from bsn_cuda.nn import BidirectionalSpectralNorm, FusedLegacySpectralNorm, SpectralNorm
 
 LAYERS = {
     "linear": (lambda: nn.Linear(13, 7), (5, 13)),
@@ -311,29 +313,65 @@ def test_convert_spectral_norm_keeps_outputs_and_parameters(flavour):
             model(x)  # a few torch power-iteration updates
     reference_model = copy.deepcopy(model)
     params = {id(p) for p in model.parameters()}
+    keys = list(model.state_dict())
 
-    bsn_cuda.convert_spectral_norm(model)
+    bsn_cuda.convert_spectral_norm(model)  # keeps each layer's flavour
+    assert {id(p) for p in model.parameters()} == params
+    assert list(model.state_dict()) == keys  # the checkpoint format does not change
+    for m in (model[0], model[2], model[5]):
+        if flavour == "parametrized":
+            assert isinstance(m.parametrizations.weight[0], SpectralNorm)
+        else:
+            hooks = [h for h in m._forward_pre_hooks.values() if isinstance(h, TorchLegacySN)]
+            assert len(hooks) == 1 and isinstance(hooks[0], FusedLegacySpectralNorm)
+    if flavour == "parametrized":
+        assert model[2].parametrizations.weight[0].dim == 1
+
+    # Outputs, buffers and gradients follow torch's, step by step, in both modes.
+    for mode in ("eval", "train", "eval"):
+        getattr(model, mode)(), getattr(reference_model, mode)()
+        for _ in range(3):
+            out, expected = model(x), reference_model(x)
+            torch.testing.assert_close(out, expected)
+            out.sum().backward()
+            expected.sum().backward()
+            for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, msg=name)
+                p.grad = q.grad = None
+    expected_state = reference_model.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected_state[name], msg=name)
+
+
+def test_convert_spectral_norm_to_parametrization_flavour():
+    torch.manual_seed(9)
+    model = _discriminator()
+    for m in model:
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            legacy_spectral_norm(m, n_power_iterations=2)
+    x = torch.randn(4, 3, 11, 11)
+    with torch.no_grad():
+        model(x)
+    reference_model = copy.deepcopy(model)
+    params = {id(p) for p in model.parameters()}
+
+    bsn_cuda.convert_spectral_norm(model, flavour="parametrization")
     assert {id(p) for p in model.parameters()} == params
     for m in (model[0], model[2], model[5]):
         assert isinstance(m.parametrizations.weight[0], SpectralNorm)
-        assert not any(type(h).__module__.endswith("spectral_norm") for h in m._forward_pre_hooks.values())
+        assert not any(isinstance(h, TorchLegacySN) for h in m._forward_pre_hooks.values())
     assert model[2].parametrizations.weight[0].dim == 1
-
     model.eval(), reference_model.eval()
     torch.testing.assert_close(model(x), reference_model(x))
-    if flavour == "parametrized":
-        model.train(), reference_model.train()
-        for _ in range(3):
-            torch.testing.assert_close(model(x), reference_model(x))
-    else:
-        state = model.state_dict()
-        assert not any(k.endswith(("weight_orig", "weight_u", "weight_v")) for k in state)
-        # The legacy checkpoint of the unconverted model loads into the converted one.
-        model.load_state_dict(reference_model.state_dict(), strict=True)
-        model.train()
-        out = model(x)
-        out.sum().backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    state = model.state_dict()
+    assert not any(k.endswith(("weight_orig", "weight_u", "weight_v")) for k in state)
+    # The legacy checkpoint of the unconverted model loads into the converted one.
+    model.load_state_dict(reference_model.state_dict(), strict=True)
+    model.train()
+    model(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="flavour"):
+        bsn_cuda.convert_spectral_norm(model, flavour="legacy")
 
 
 def test_apply_spectral_norm_covers_all_layer_types():

@@ -213,6 +213,52 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool 
   if (t) sum_partials(partial, chunks.count, N, t);
 }
 
+// SN of a transposed matrix: inner == 1, outer > 1, i.e. A = W2^T with W2 the
+// row-major [P, M] view of W (2-D weights along dim 1; the legacy flavour's
+// v-first iteration runs as this, see bsn_cuda/nn/legacy.py). s = A v sums
+// whole rows of W2 (s += v[p] * W2[p, :]), and t = A^T s needs all of s, so
+// this takes two passes over W where sn_pass takes one.
+template <typename T, typename A>
+void sn_pass_transposed(const T* w, const Matricization& mat, const A* v, A* s, A* t,
+                        bool reverse) {
+  const int64_t M = mat.rows, P = mat.outer;
+  const Chunks chunks = split_rows(P, M);
+  A* const partial = scratch<A, kPartial>(chunks.count * M);  // zeroed by its chunk
+  for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
+    A* const row_buf = std::is_same_v<T, A> ? nullptr : scratch<A, kRowBuf>(kGroup * M);
+    for (int64_t k = c0; k < c1; ++k) {
+      const int64_t c = chunk_at(c0, c1, k, reverse);
+      A* const sc = partial + c * M;
+      std::fill_n(sc, M, A(0));
+      const int64_t p1 = std::min(P, chunks.begin(c + 1));
+      int64_t p = chunks.begin(c);
+      for (; p + kGroup <= p1; p += kGroup) {
+        const A* rows[kGroup];
+        A coef[kGroup];
+        for (int g = 0; g < kGroup; ++g) {
+          rows[g] = as_acc(w + (p + g) * M, M, row_buf ? row_buf + g * M : nullptr);
+          coef[g] = v[p + g];
+        }
+        axpy4(coef, rows, sc, M);
+      }
+      for (; p < p1; ++p) axpy(v[p], as_acc(w + p * M, M, row_buf), sc, M);
+    }
+  });
+  sum_partials(partial, chunks.count, M, s);
+  if (!t) return;
+  // t[p] = W2[p, :] . s, over the same chunks in the other direction.
+  for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
+    A* const row_buf = std::is_same_v<T, A> ? nullptr : scratch<A, kRowBuf>(M);
+    for (int64_t k = c0; k < c1; ++k) {
+      const int64_t c = chunk_at(c0, c1, k, !reverse);
+      const int64_t p1 = std::min(P, chunks.begin(c + 1));
+      for (int64_t p = chunks.begin(c); p < p1; ++p) t[p] = dot(as_acc(w + p * M, M, row_buf), s, M);
+    }
+  });
+}
+
+inline bool is_transposed_2d(const Matricization& mat) { return mat.inner == 1 && mat.outer > 1; }
+
 // BSN pass 1 over the rows i of W viewed [c_out, c_in, R] (pair 0 = dim 0):
 //   s0 = A0 v0, t0 = A0^T s0 (if t0), s1 = A1 v1 where A1 = W_mat(1).
 // s1 is accumulated as q[k] += W[i, k] * v1[i * R + k % R] and segment-summed.
@@ -431,7 +477,11 @@ void forward(const ForwardParams& p) {
   bool reverse = false;  // direction of the next pass over W (see chunk_at)
   if (p.update) {
     for (int it = 0; it < p.n_power_iterations; ++it) {
-      if (p.num_pairs == 1) {
+      if (p.num_pairs == 1 && is_transposed_2d(p.mat[0])) {
+        sn_pass_transposed(w, p.mat[0], pairs[0].v.data(), pairs[0].s.data(),
+                           pairs[0].t.data(), reverse);
+        reverse = !reverse;  // its second pass ran the other way
+      } else if (p.num_pairs == 1) {
         sn_pass(w, p.mat[0], pairs[0].v.data(), pairs[0].s.data(), pairs[0].t.data(),
                 reverse);
       } else {
@@ -444,7 +494,10 @@ void forward(const ForwardParams& p) {
       for (int k = 0; k < p.num_pairs; ++k) normalize_pair(pairs[k], eps);
     }
   } else {  // sigma = u^T A v with the stored vectors
-    if (p.num_pairs == 1) {
+    if (p.num_pairs == 1 && is_transposed_2d(p.mat[0])) {
+      sn_pass_transposed<T, A>(w, p.mat[0], pairs[0].v.data(), pairs[0].s.data(), nullptr,
+                               reverse);
+    } else if (p.num_pairs == 1) {
       sn_pass<T, A>(w, p.mat[0], pairs[0].v.data(), pairs[0].s.data(), nullptr, reverse);
     } else {
       bsn_pass1<T, A>(w, p.mat, pairs[0].v.data(), pairs[1].v.data(), pairs[0].s.data(),
@@ -471,6 +524,8 @@ void forward(const ForwardParams& p) {
   const A factor = static_cast<A>(p.scale) / effective_sigma(sigma);
   if (p.mat[0].outer == 1) {  // the passes' rows are contiguous: follow their split
     rescale_rows(w, static_cast<T*>(p.out), p.mat[0].rows, p.mat[0].cols(), factor, reverse);
+  } else if (p.num_pairs == 1 && is_transposed_2d(p.mat[0])) {  // rows of W2, as its passes
+    rescale_rows(w, static_cast<T*>(p.out), p.mat[0].outer, p.mat[0].rows, factor, reverse);
   } else {
     rescale(w, static_cast<T*>(p.out), p.numel, factor);
   }
@@ -494,7 +549,10 @@ void backward(const BackwardParams& p) {
   // Both passes (c = <G, W>, then dW) over the same contiguous chunks of
   // segments, the second in reverse (see chunk_at): SN segments W[p, m, :]
   // (outer * rows of inner elements), BSN rows of W viewed [c_out, c_in * R].
-  const int64_t seg_len = p.num_pairs == 1 ? p.mat[0].inner : p.mat[0].cols();
+  // A transposed 2-D SN weight (inner == 1): rows of W2 = [P, M] instead.
+  const bool transposed = p.num_pairs == 1 && is_transposed_2d(p.mat[0]);
+  const int64_t seg_len =
+      transposed ? p.mat[0].rows : (p.num_pairs == 1 ? p.mat[0].inner : p.mat[0].cols());
   const int64_t segments = p.numel / seg_len;
   const Chunks chunks = split_rows(segments, seg_len);
 
@@ -522,6 +580,27 @@ void backward(const BackwardParams& p) {
   const int64_t mat0_u = state_u_offset(p.mat, p.num_pairs, 0);
   const A* u0 = state + mat0_u;
   const A* v0 = u0 + p.mat[0].rows;
+  if (transposed) {
+    // Row q of W2: dsigma/dW2[q, :] = v[q] * u, so dW2[q, :] = a G2[q, :] - k v[q] u.
+    const int64_t M = seg_len;
+    for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
+      A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(M);
+      A* const obuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(M);
+      for (int64_t kk = c0; kk < c1; ++kk) {
+        const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
+        const int64_t q0 = chunks.begin(ch), q1 = std::min(segments, chunks.begin(ch + 1));
+        if constexpr (std::is_same_v<T, A>) {
+          scaled_diff_rows(a, g + q0 * M, k, v0 + q0, u0, dw + q0 * M, q1 - q0, M);
+        } else {
+          for (int64_t q = q0; q < q1; ++q) {
+            scaled_diff_rows(a, as_acc(g + q * M, M, gbuf), k, v0 + q, u0, obuf, int64_t{1}, M);
+            for (int64_t m = 0; m < M; ++m) dw[q * M + m] = static_cast<T>(obuf[m]);
+          }
+        }
+      }
+    });
+    return;
+  }
   if (p.num_pairs == 1) {
     // Segments of R contiguous elements: W[p, m, :] has dsigma/dW = u[m] * v[p*R : p*R+R].
     const int64_t M = p.mat[0].rows, R = seg_len;

@@ -1,0 +1,104 @@
+"""The legacy flavour, fused: ``torch.nn.utils.spectral_norm`` on bsn_cuda's ops.
+
+torch's hook-based SN keeps ``<name>_orig`` (the Parameter), ``<name>_u`` and
+``<name>_v`` (buffers) and recomputes ``module.<name>`` in a forward pre-hook.
+Its power iteration runs ``v`` first: ``v = normalize(W^T u)``,
+``u = normalize(W v)``, ``sigma = u^T W v``.
+
+That is the u-first iteration of the fused op applied to ``W^T``: with the
+roles of the vectors swapped, ``sn_forward(W_mat, u=v, v=u, dim=1)`` computes
+exactly torch's legacy update, sigma and output (``W_mat = W.movedim(dim, 0)``
+reshaped to 2-D, a view for ``dim=0``). So registration is torch's own (same
+checks, RNG draws, buffers, state-dict hooks and version metadata, same
+loading of torch < 1.0 checkpoints that lack ``<name>_v``), and only the hook
+object's class is ours: :class:`FusedLegacySpectralNorm` overrides
+``compute_weight``. torch's ``remove_spectral_norm`` and isinstance checks
+keep working on it, and converting a torch legacy layer is a class swap that
+keeps every key and vector.
+
+Differences from torch, as everywhere in bsn_cuda: sigma == 0 gives ``W``
+(torch: NaN), and a non-finite weight leaves ``u``/``v`` as they were.
+Complex weights run torch's own computation.
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySpectralNorm
+
+from .. import _checks, _ops
+
+__all__ = ["FusedLegacySpectralNorm", "spectral_norm", "remove_spectral_norm", "fuse_legacy_hook"]
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update):
+    """``(W / sigma, state)`` with torch's legacy (v-first) power iteration on ``u``, ``v`` in place.
+
+    ``state`` is the op's state for ``W_mat^T``: ``[sigma, v, u]``.
+    """
+    rows = weight.shape[dim]
+    if dim == 0:
+        w_mat = weight.reshape(rows, -1)
+        out, state = _ops.sn_forward(w_mat, v, u, 1, n_power_iterations, eps, 1.0, update)
+        return out.view(weight.shape), state
+    moved = weight.movedim(dim, 0)
+    out, state = _ops.sn_forward(moved.reshape(rows, -1), v, u, 1, n_power_iterations, eps, 1.0, update)
+    return out.view(moved.shape).movedim(0, dim), state
+
+
+class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
+    """torch's legacy SN hook with the weight computed by the fused op."""
+
+    def compute_weight(self, module, do_power_iteration):
+        weight = getattr(module, self.name + "_orig")
+        u = getattr(module, self.name + "_u")
+        v = getattr(module, self.name + "_v")
+        if weight.dtype not in _checks.REAL_DTYPES:  # complex: torch's own computation
+            return super().compute_weight(module, do_power_iteration)
+        return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, do_power_iteration)[0]
+
+
+def fuse_legacy_hook(hook):
+    """Make a torch legacy SN hook (``torch.nn.utils.spectral_norm``) compute with the fused op, in place.
+
+    The hook object stays the same (its state-dict hooks refer to it), so the
+    module's keys, buffers and vectors are untouched.
+    """
+    if not isinstance(hook, TorchLegacySpectralNorm):
+        raise TypeError(f"expected a torch.nn.utils.spectral_norm hook, got {type(hook).__name__}")
+    hook.__class__ = FusedLegacySpectralNorm
+    return hook
+
+
+def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
+    """Fused drop-in for ``torch.nn.utils.spectral_norm`` (the hook-based, legacy SN).
+
+    Same arguments, registration, buffers (``<name>_orig``, ``<name>_u``,
+    ``<name>_v``), state-dict keys and version metadata, train/eval behaviour
+    and v-first power iteration as torch's; ``module.<name>`` is recomputed by
+    a forward pre-hook with one fused op. ``dim=None`` means 1 for
+    ConvTranspose1d/2d/3d, else 0. Returns ``module``.
+
+    ``from torch.nn.utils import spectral_norm`` becomes
+    ``from bsn_cuda.nn.utils import spectral_norm``.
+    """
+    _checks.check_module(module)
+    _checks.check_name(name)
+    if dim is None:
+        dim = 1 if isinstance(module, _CONV_TRANSPOSE) else 0
+    torch.nn.utils.spectral_norm(module, name, n_power_iterations, eps, dim)
+    for hook in module._forward_pre_hooks.values():
+        if type(hook) is TorchLegacySpectralNorm and hook.name == name:
+            fuse_legacy_hook(hook)
+    return module
+
+
+def remove_spectral_norm(module, name="weight"):
+    """Remove the legacy spectral norm (fused or torch's) of ``module.<name>``: as
+    ``torch.nn.utils.remove_spectral_norm``, whose behaviour this is
+    (``module.<name>`` becomes a Parameter holding the normalized weight,
+    computed without a power iteration). Returns ``module``."""
+    _checks.check_module(module)
+    _checks.check_name(name)
+    return torch.nn.utils.remove_spectral_norm(module, name)

@@ -1,0 +1,263 @@
+"""The SN and BSN parametrizations (for ``torch.nn.utils.parametrize``).
+
+Both share :class:`_NormParametrization`, which owns what is not about the
+math: the training/eval forward, the sigma log for :func:`get_sigma`, the eval
+cache, activation-checkpoint recomputation, and dtype moves. Subclasses say
+how to run the op (``_run``) and how many sigmas they log.
+
+The forward runs on every read of ``module.weight``, so it is kept short:
+buffers are read from ``_buffers`` directly, the op is called once, and the
+sigma log is written by the op's fast entry point (``bsn_cuda._ops``).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _complex, _context, _ops, reference
+from .._checks import check_dim, check_hyperparameters, check_n_power_iterations, check_weight
+from ..functional import uses_single_matricization
+
+__all__ = ["SpectralNorm", "BidirectionalSpectralNorm", "uses_single_matricization"]
+
+WARM_UP_ITERATIONS = 15  # torch's _SpectralNorm warm-up at registration
+
+
+class _NormParametrization(nn.Module):
+    """Base of :class:`SpectralNorm` and :class:`BidirectionalSpectralNorm`.
+
+    Subclasses define ``_run(weight, n_power_iterations, update) -> (out, state)``
+    and ``_LOG`` (the sigma log buffer's name). ``state[:k]`` are the sigmas
+    the log keeps (k = its length).
+
+    **Eval cache.** In eval mode, when no autograd graph is recorded (no_grad,
+    inference_mode, or a weight that does not require grad) and nothing traces
+    the call (compile, export, jit, torch.func), the output of the last eval
+    forward is returned again if the weight (same tensor), the vectors and the
+    returned tensor itself are unchanged (version counters). Any training
+    forward, power iteration or mode switch drops it.
+    """
+
+    _LOG = "_sigma"
+
+    def _init_common(self, weight, n_power_iterations, eps, scale, log_len):
+        self.eps = eps
+        self.scale = float(scale)
+        self.n_power_iterations = n_power_iterations
+        self._cache = None
+        acc = torch.float64 if weight.dtype in (torch.float64, torch.complex128) else torch.float32
+        # The sigmas of the last forward (get_sigma); not in the state_dict.
+        self.register_buffer(self._LOG, torch.full((log_len,), math.nan, dtype=acc, device=weight.device),
+                             persistent=False)
+
+    # -- forward -----------------------------------------------------------
+
+    def forward(self, weight):
+        if self.training:
+            self._cache = None
+            if _context.in_backward_pass():  # a checkpoint recomputation: no second update
+                return self._run(weight, self.n_power_iterations, False, None)[0]
+            return self._run(weight, self.n_power_iterations, True, self._buffers[self._LOG])[0]
+        if torch.is_grad_enabled() and weight.requires_grad:  # autograd records: no cache
+            self._cache = None
+            return self._run(weight, self.n_power_iterations, False, self._buffers[self._LOG])[0]
+        return self._eval_no_graph(weight)
+
+    def _cache_key(self, weight, out):
+        # Identities and version counters of everything the output depends on
+        # (the cache holds references to them, so the ids cannot be reused).
+        b = self._buffers
+        key = [id(weight), weight._version, out._version]
+        for name in self._vector_names:
+            t = b[name]
+            key.append(id(t))
+            key.append(t._version)
+        return key
+
+    def _eval_no_graph(self, weight):
+        log = self._buffers[self._LOG]
+        if not _context.is_plain_eager() or weight.is_inference():  # (the cache is eager-only)
+            return self._run(weight, self.n_power_iterations, False, log)[0]
+        cache = self._cache
+        if cache is not None and cache[1] is weight:
+            out = cache[2]
+            if cache[0] == self._cache_key(weight, out):
+                return out
+        if torch.is_inference_mode_enabled():
+            # A normal tensor even under inference_mode, so that its version
+            # counter catches in-place changes to it.
+            with torch.inference_mode(False), torch.no_grad():
+                out = self._run(weight, self.n_power_iterations, False, log)[0]
+        else:
+            out = self._run(weight, self.n_power_iterations, False, log)[0]
+        refs = tuple(self._buffers[name] for name in self._vector_names)
+        self._cache = (self._cache_key(weight, out), weight, out, refs)
+        return out
+
+    def train(self, mode=True):
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # The sigma log stays in the accumulation dtype across module.to(dtype)/.half().
+        self._cache = None
+        result = super()._apply(fn, *args, **kwargs)
+        buf = self._buffers.get(self._LOG)
+        if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+            self._buffers[self._LOG] = buf.float()
+        return result
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = None  # never pickle or deep-copy the cached output
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("_cache", None)
+        super().__setstate__(state)
+
+    # -- helpers used by the public API and bsn_cuda.ema ---------------------
+
+    def normalize(self, weight, update):
+        """``(W_normalized, state)``; ``update`` runs the power iteration (training).
+        ``state[0]`` is sigma (see docs/design.md for the rest). Does not log."""
+        return self._run(weight, self.n_power_iterations, update, None)
+
+    @torch.no_grad()
+    def power_iterate(self, weight, n_power_iterations):
+        """Run ``n_power_iterations`` power iterations on the vectors for ``weight``
+        (in place, no gradient) and log the resulting sigma (see :mod:`bsn_cuda.ema`)."""
+        self._cache = None
+        self._run(weight.detach(), n_power_iterations, True, self._buffers[self._LOG])
+
+    def right_inverse(self, value):
+        return value
+
+    def _log_vector_norm(self, weight, log):
+        # 1-D weights: sigma is ||W||.
+        if log is not None:
+            with torch.no_grad():
+                log.fill_(torch.linalg.vector_norm(weight.detach().to(log.dtype)))
+
+
+class SpectralNorm(_NormParametrization):
+    """The SN parametrization: ``scale * W / sigma(W_mat(dim))``.
+
+    Mirrors ``torch.nn.utils.parametrizations._SpectralNorm``: buffers ``_u``,
+    ``_v`` (drawn with the same RNG calls, then 15 power iterations), one
+    update of ``n_power_iterations`` per forward in training mode, none in
+    eval. ``_sigma`` (not saved in the ``state_dict``) holds the last sigma.
+    A weight with sigma 0 gives ``scale * W`` (torch: NaN). 1-D weights:
+    ``W / max(||W||, eps) * scale``, no buffers. Complex weights run the same
+    math in plain torch ops (not fused).
+
+    ``vectors=(u, v)`` starts from copies of given vectors instead (no RNG
+    use, no warm-up); :func:`convert_spectral_norm` uses it.
+
+    A forward run inside a backward pass (the recomputation of activation
+    checkpointing) does not iterate: it evaluates sigma from the stored
+    vectors, so they are updated once per real forward.
+    """
+
+    _LOG = "_sigma"
+
+    def __init__(self, weight, n_power_iterations=1, dim=0, eps=1e-12, scale=1.0, *, vectors=None):
+        super().__init__()
+        check_weight(weight, allow_complex=True)
+        self.dim = check_dim(dim, weight.ndim)
+        check_n_power_iterations(n_power_iterations)
+        check_hyperparameters(n_power_iterations, eps, scale)
+        self._init_common(weight, n_power_iterations, eps, scale, 1)
+        self._complex = weight.is_complex()
+        self._vector_names = ("_u", "_v") if weight.ndim > 1 else ()
+        if weight.ndim == 1:
+            return
+        rows = weight.shape[self.dim]
+        cols = weight.numel() // rows
+        with torch.no_grad():
+            if vectors is None:
+                # torch's order: draw u, draw v, then normalize both; then warm up.
+                u = weight.new_empty(rows).normal_(0, 1)
+                v = weight.new_empty(cols).normal_(0, 1)
+                self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
+                self.register_buffer("_v", F.normalize(v, dim=0, eps=eps))
+                self._run(weight.detach(), WARM_UP_ITERATIONS, True, None)
+            else:
+                u, v = vectors
+                self.register_buffer("_u", u.detach().clone(memory_format=torch.contiguous_format))
+                self.register_buffer("_v", v.detach().clone(memory_format=torch.contiguous_format))
+
+    def _run(self, weight, n_power_iterations, update, log):
+        if weight.ndim == 1:
+            self._log_vector_norm(weight, log)
+            return reference.normalize_vector(weight, self.eps, self.scale), None
+        b = self._buffers
+        if self._complex:
+            out, state = _complex.sn_forward(weight, b["_u"], b["_v"], self.dim, n_power_iterations, self.eps,
+                                             self.scale, update)
+            if log is not None:
+                log.copy_(state)
+            return out, state
+        return _ops.sn_forward(weight, b["_u"], b["_v"], self.dim, n_power_iterations, self.eps, self.scale,
+                               update, log)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, scale={self.scale}"
+
+
+class BidirectionalSpectralNorm(_NormParametrization):
+    """The BSN/BSSN parametrization: ``scale * W / ((sigma_0 + sigma_1) / 2)``.
+
+    ``sigma_0`` is estimated on ``W_mat(0)`` (``[c_out, c_in * k]``, buffers
+    ``_u0``, ``_v0``), ``sigma_1`` on ``W_mat(1)`` (``[c_in, c_out * k]``,
+    buffers ``_u1``, ``_v1``). Weights whose two matricizations are transposes
+    of each other (2-D, 1x1 kernels) use SN along dim 0 with ``_u0``/``_v0``
+    only. Buffers are drawn (pair 0, then pair 1, ``u`` before ``v``) and
+    warmed up (15 iterations) like torch's SN. ``_sigmas`` holds
+    ``[sigma, sigma_0, sigma_1]`` of the last forward (not in the ``state_dict``).
+    A weight with sigma 0 gives ``scale * W``; 1-D weights:
+    ``W / max(||W||, eps) * scale``. Real weights only.
+    """
+
+    _LOG = "_sigmas"
+
+    def __init__(self, weight, n_power_iterations=1, eps=1e-12, scale=1.0):
+        super().__init__()
+        check_weight(weight, what="a weight for bidirectional_spectral_norm")
+        check_n_power_iterations(n_power_iterations)
+        check_hyperparameters(n_power_iterations, eps, scale)
+        self._init_common(weight, n_power_iterations, eps, scale, 3)
+        self.single = weight.ndim >= 2 and uses_single_matricization(weight.shape)
+        if weight.ndim < 2:
+            self._vector_names = ()
+            return
+        dims = (0,) if self.single else (0, 1)
+        self._vector_names = tuple(f"_{x}{k}" for k in dims for x in "uv")
+        with torch.no_grad():
+            for k in dims:
+                rows = weight.shape[k]
+                u = weight.new_empty(rows).normal_(0, 1)
+                v = weight.new_empty(weight.numel() // rows).normal_(0, 1)
+                self.register_buffer(f"_u{k}", F.normalize(u, dim=0, eps=eps))
+                self.register_buffer(f"_v{k}", F.normalize(v, dim=0, eps=eps))
+            self._run(weight.detach(), WARM_UP_ITERATIONS, True, None)
+
+    def _run(self, weight, n_power_iterations, update, log):
+        if weight.ndim == 1:
+            self._log_vector_norm(weight, log)
+            return reference.normalize_vector(weight, self.eps, self.scale), None
+        b = self._buffers
+        if self.single:  # the log then holds [sigma, sigma, sigma]
+            return _ops.sn_forward(weight, b["_u0"], b["_v0"], 0, n_power_iterations, self.eps, self.scale, update,
+                                   log)
+        return _ops.bsn_forward(weight, b["_u0"], b["_v0"], b["_u1"], b["_v1"], n_power_iterations, self.eps,
+                                self.scale, update, log)
+
+    def extra_repr(self):
+        mode = "single matricization (SN, dim 0)" if self.single else "two matricizations"
+        return f"{mode}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, scale={self.scale}"
+
+
+PARAMETRIZATIONS = (SpectralNorm, BidirectionalSpectralNorm)
