@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import _fallback, reference
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.bsn_cuda.*)
@@ -260,6 +260,8 @@ def _register():
 _LIBRARY = _register() if HAS_EXTENSION else None
 
 OP_DEVICES = _devices_with_kernels()
+# Other devices (MPS, XPU, ...): the reference, also behind torch.ops.bsn_cuda.*.
+_FALLBACK_LIBRARY = _fallback.register() if HAS_EXTENSION else None
 
 
 # ---------------------------------------------------------------------------
@@ -274,6 +276,7 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
     """
     if weight.device.type in OP_DEVICES:
         return torch.ops.bsn_cuda.sn_forward.default(weight, u, v, dim, n_power_iterations, eps, scale, update)
+    _fallback.warn_once(weight.device.type)
     return reference.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update)
 
 
@@ -281,4 +284,5 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
     """``bsn_cuda::bsn_forward`` (or its reference); returns ``(out, state)``."""
     if weight.device.type in OP_DEVICES:
         return torch.ops.bsn_cuda.bsn_forward.default(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
+    _fallback.warn_once(weight.device.type)
     return reference.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
