@@ -35,17 +35,16 @@ mkdir -p "$out"
 
 flags=$(CXX="$CXX_AARCH64" BSN_PRINT_CXX_FLAGS=1 "$PY" setup.py)
 # torch's include folders, Python's headers, and the -std torch's headers need
-# (torch.utils.cpp_extension appends the same one to extension builds).
+# (what torch's BuildExtension adds: C++17 up to torch 2.9, C++20 from 2.10).
 mapfile -t includes < <("$PY" - <<'EOF'
 import sysconfig
+import torch
 from torch.utils import cpp_extension
 for path in cpp_extension.include_paths():
     print("-I" + path)
 print("-I" + sysconfig.get_paths()["include"])
-std = []
-if hasattr(cpp_extension, "append_std17_if_no_std_present"):
-    cpp_extension.append_std17_if_no_std_present(std)
-print(std[0] if std else "-std=c++17")
+major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+print("-std=c++20" if (major, minor) >= (2, 10) else "-std=c++17")
 EOF
 )
 echo "== $("$CXX_AARCH64" --version | head -1)"
