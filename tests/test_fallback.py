@@ -269,3 +269,20 @@ def test_modules_on_fallback_match_fused(kind, monkeypatch, fresh_warnings):
         reloaded.load_state_dict(fused_state)
         torch.testing.assert_close(reloaded(x), fused_eval, **tol)
     assert bsn_cuda.get_sigma(fallback_model[0]).shape == bsn_cuda.get_sigma(fused_model[0]).shape
+
+
+def test_compiled_layer_on_fallback_matches_fused(monkeypatch, fresh_warnings):
+    """torch.compile traces the reference's torch ops with no graph break (the
+    warning is skipped while tracing) and gives the fused layer's results."""
+    torch.manual_seed(8)
+    fused = bsn_cuda.bidirectional_spectral_norm(torch.nn.Conv2d(3, 4, 3).double())
+    fallback = copy.deepcopy(fused)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    fused(x).sum().backward()
+    monkeypatch.setattr(_ops, "OP_DEVICES", _ops.OP_DEVICES - {"cpu"})
+    torch.compile(fallback, fullgraph=True, backend="aot_eager")(x).sum().backward()
+    tol = dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(fallback.parametrizations.weight.original.grad,
+                               fused.parametrizations.weight.original.grad, **tol)
+    for (k, a), b in zip(fused.state_dict().items(), fallback.state_dict().values()):
+        torch.testing.assert_close(b, a, **tol, msg=k)
