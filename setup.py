@@ -9,6 +9,12 @@ found; no GPU is needed at build time. Environment:
   TORCH_CUDA_ARCH_LIST   GPU architectures (default when unset and no GPU is
                          visible: "8.0;8.6;8.9;9.0+PTX")
   MAX_JOBS               parallel compile jobs (ninja)
+  CXX                    the C++ compiler (default: c++); OpenMP flags are
+                         probed on it, see _openmp_flags
+  BSN_OPENMP=0           no OpenMP runtime even where GCC's is usable (the
+                         CPU kernels then run on the calling thread only)
+  BSN_PRINT_CXX_FLAGS=1  print the C++ flags a build with $CXX would use, and
+                         exit (for tools/portability/*.sh)
 
 Install with `pip install --no-build-isolation .` so the build uses the torch
 that is already installed (no network needed).
@@ -16,8 +22,11 @@ that is already installed (no network needed).
 
 import glob
 import os
+import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -58,6 +67,84 @@ def _cuda_wanted():
     return cuda_home is not None, cuda_home
 
 
+# Probe sources for _openmp_flags.
+_PARALLEL_PROBE = r"""
+#include <omp.h>
+int bsn_probe(int n) {
+  int total = 0;
+#pragma omp parallel for reduction(+ : total)
+  for (int i = 0; i < n; ++i) total += omp_get_num_threads();
+  return total;
+}
+"""
+_SIMD_PROBE = r"""
+void bsn_probe(float* x, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) x[i] *= 2.0f;
+}
+"""
+_GCC_PROBE = r"""
+#if !defined(__GNUC__) || defined(__clang__) || defined(__INTEL_LLVM_COMPILER)
+#error "not GCC"
+#endif
+"""
+
+
+def _compiles(cxx, flags, source, link=False):
+    """Whether `cxx flags` compiles `source` (and links it into a shared object) without a warning."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        out = os.path.join(tmp, "probe.so" if link else "probe.o")
+        mode = ["-shared", "-fPIC"] if link else ["-c"]
+        cmd = shlex.split(cxx) + ["-Werror"] + flags + mode + [src, "-o", out]
+        try:
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode == 0 and os.path.exists(out)
+
+
+def _openmp_flags(cxx):
+    """(compile flags, link flags, note) for OpenMP, probed on the compiler itself.
+
+    The CPU sources use OpenMP for `#pragma omp simd` only; their threads come
+    from at::parallel_for, which torch's headers implement inline with
+    `#pragma omp parallel` when _OPENMP is defined and as a serial loop
+    otherwise. So:
+    * GCC with a working -fopenmp: -fopenmp. It links libgomp, the runtime
+      torch's Linux builds use, and at::parallel_for runs on torch's threads.
+    * any other compiler (clang, Apple clang): -fopenmp-simd if accepted, no
+      runtime. Apple clang rejects -fopenmp; clang's -fopenmp would link
+      libomp, a second runtime in the process beside torch's, whose omp_*
+      calls can bind to the other runtime's and break the per-thread split.
+      The kernels then run on the calling thread; results are the same bit for
+      bit (the chunking does not depend on the thread count).
+    """
+    if os.environ.get("BSN_OPENMP", "").strip() != "0":
+        if _compiles(cxx, [], _GCC_PROBE) and _compiles(cxx, ["-fopenmp"], _PARALLEL_PROBE, link=True):
+            return ["-fopenmp"], ["-fopenmp"], "OpenMP (GCC, libgomp)"
+    if _compiles(cxx, ["-fopenmp-simd"], _SIMD_PROBE):
+        return ["-fopenmp-simd"], [], "omp simd only, no OpenMP runtime (single-threaded kernels)"
+    return [], [], "no OpenMP (single-threaded kernels, loops vectorized at the compiler's discretion)"
+
+
+def _cxx():
+    """The C++ compiler torch's BuildExtension compiles and links with."""
+    return os.environ.get("CXX") or "c++"
+
+
+def _cxx_flags(cxx):
+    """(compile flags, link flags, note) for the C++ sources."""
+    omp_compile, omp_link, omp_note = _openmp_flags(cxx)
+    flags = ["-O3"] + omp_compile
+    # -ffp-contract=fast lets the AVX2/AVX-512 clones in csrc/cpu/vec.cpp use FMA.
+    if _compiles(cxx, ["-ffp-contract=fast"], _SIMD_PROBE):
+        flags.append("-ffp-contract=fast")
+    return flags, omp_link, omp_note
+
+
 def _extra_cuda_include_dirs():
     """Folders with the CUDA library headers that pip's nvidia-* wheels ship.
 
@@ -90,8 +177,9 @@ def _extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = []
     # No -std flag: torch adds the one its headers need (C++17 up to 2.9, C++20 after).
-    # -ffp-contract=fast lets the AVX2/AVX-512 clones in csrc/cpu/vec.cpp use FMA.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=fast"]}
+    cxx = _cxx()
+    cxx_flags, omp_link, omp_note = _cxx_flags(cxx)
+    extra_compile_args = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
@@ -104,17 +192,23 @@ def _extensions():
     else:
         ext_cls = cpp_extension.CppExtension
     print(f"bsn_cuda: building {'CPU + CUDA' if build_cuda else 'CPU-only'} ops "
-          f"(CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+          f"(CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}; "
+          f"CXX={cxx}: {omp_note}; flags {' '.join(cxx_flags)})")
     ext = ext_cls(
         name="bsn_cuda._C",
         sources=sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=omp_link,
     )
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
+
+if os.environ.get("BSN_PRINT_CXX_FLAGS") == "1":
+    # For tools/portability/*.sh: the C++ flags a build with $CXX would use.
+    print(" ".join(_cxx_flags(_cxx())[0]))
+    sys.exit(0)
 
 ext_modules, build_ext = _extensions()
 

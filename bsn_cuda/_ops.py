@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import _fallback, reference
 from ._context import is_compiling as _is_compiling
 from ._context import transforms_active as _transforms_active
 
@@ -262,6 +262,8 @@ def _register():
 _LIBRARY = _register() if HAS_EXTENSION else None
 
 OP_DEVICES = _devices_with_kernels()
+# Other devices (MPS, XPU, ...): the reference, also behind torch.ops.bsn_cuda.*.
+_FALLBACK_LIBRARY = _fallback.register() if HAS_EXTENSION else None
 
 
 # ---------------------------------------------------------------------------
@@ -305,6 +307,7 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=No
         if log is not None:
             _write_log(log, state, 1)
         return out, state
+    _fallback.warn_once(weight.device.type)
     return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
 
 
@@ -325,6 +328,7 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, 
         if log is not None:
             _write_log(log, state, 3)
         return out, state
+    _fallback.warn_once(weight.device.type)
     return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
 
 
