@@ -192,11 +192,9 @@ class SpectralNorm(_AccSigmaMixin, nn.Module):
         torch.narrow_copy(state, 0, 0, 1, out=self._sigma)
 
     def forward(self, weight):
-        if onnx_export.is_exporting():  # ONNX: plain-op eval formula (no fused op, no u/v update)
-            onnx_export.check_eval(self.training)
-            if weight.ndim == 1:
-                return onnx_export.vector_graph(weight, self.eps, self.scale)
-            return onnx_export.sn_eval_graph(weight, self._u, self._v, self.dim, self.scale)
+        if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops (no fused op, no u/v update)
+            onnx_export.check_eval(self.training, type(self).__name__)
+            return onnx_export.eval_graph(self, weight)
         if _in_backward_pass():  # a checkpoint recomputation: no second update
             return self.normalize(weight, False)[0]
         out, state = self.normalize(weight, self.training)
@@ -286,13 +284,9 @@ class BidirectionalSpectralNorm(_AccSigmaMixin, nn.Module):
             self._sigmas.copy_(state[:1])
 
     def forward(self, weight):
-        if onnx_export.is_exporting():  # ONNX: plain-op eval formula (no fused op, no u/v update)
-            onnx_export.check_eval(self.training, "bidirectional_spectral_norm")
-            if weight.ndim == 1:
-                return onnx_export.vector_graph(weight, self.eps, self.scale)
-            if self.single:
-                return onnx_export.sn_eval_graph(weight, self._u0, self._v0, 0, self.scale)
-            return onnx_export.bsn_eval_graph(weight, self._u0, self._v0, self._u1, self._v1, self.scale)
+        if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops (no fused op, no u/v update)
+            onnx_export.check_eval(self.training, type(self).__name__)
+            return onnx_export.eval_graph(self, weight)
         if _in_backward_pass():  # a checkpoint recomputation: no second update
             return self.normalize(weight, False)[0]
         out, state = self.normalize(weight, self.training)

@@ -27,7 +27,7 @@ import torch
 
 from . import reference
 
-__all__ = ["is_exporting", "check_eval", "sn_eval_graph", "bsn_eval_graph", "vector_graph"]
+__all__ = ["is_exporting", "check_eval", "eval_graph", "sn_eval_graph", "bsn_eval_graph", "vector_graph"]
 
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
@@ -67,9 +67,17 @@ def check_eval(training, what="spectral_norm"):
     """RuntimeError when a parametrization is exported in training mode (see the module doc)."""
     if training:
         raise RuntimeError(
-            f"bsn_cuda.{what}: ONNX export expected the module in eval mode, got training mode; "
+            f"bsn_cuda {what}: ONNX export expected the module in eval mode, got training mode; "
             "a training forward updates the power-iteration vectors u/v in place, which an ONNX "
             "graph cannot keep between runs. Call model.eval() before torch.onnx.export"
+        )
+
+
+def _check_real(weight):
+    if weight.is_complex():
+        raise TypeError(
+            f"bsn_cuda ONNX export: expected a real weight (float16/bfloat16/float32/float64), got {weight.dtype}; "
+            "ONNX has no complex matrix products"
         )
 
 
@@ -85,6 +93,7 @@ def _scaled(weight, w_acc, sigma, scale):
 
 def sn_eval_graph(weight, u, v, dim, scale=1.0):
     """Eval-mode SN of a weight with ``ndim >= 2``: ``scale * W / sigma(W_mat(dim))`` in plain torch ops."""
+    _check_real(weight)
     acc = reference.acc_dtype(weight.dtype)
     w_acc = weight.to(acc)
     w_mat = w_acc.movedim(dim, 0).reshape(weight.shape[dim], -1)
@@ -93,6 +102,7 @@ def sn_eval_graph(weight, u, v, dim, scale=1.0):
 
 def bsn_eval_graph(weight, u0, v0, u1, v1, scale=1.0):
     """Eval-mode BSN of a weight with ``ndim >= 3``: ``scale * W / ((sigma_0 + sigma_1) / 2)``."""
+    _check_real(weight)
     acc = reference.acc_dtype(weight.dtype)
     w_acc = weight.to(acc)
     sigma_0 = _sigma(w_acc.reshape(weight.shape[0], -1), u0.to(acc), v0.to(acc))
@@ -103,3 +113,21 @@ def bsn_eval_graph(weight, u0, v0, u1, v1, scale=1.0):
 def vector_graph(weight, eps=1e-12, scale=1.0):
     """The 1-D case (no vectors): ``scale * W / max(||W||, eps)``."""
     return reference.normalize_vector(weight, eps, scale)
+
+
+def eval_graph(norm, weight):
+    """The eval formula of a bsn_cuda SN/BSN parametrization ``norm`` applied to ``weight``.
+
+    Reads ``norm``'s buffers: ``_u``, ``_v`` and ``dim`` (SN); ``_u0``, ``_v0``,
+    ``_u1``, ``_v1`` (BSN; ``_u0``/``_v0`` only: one matricization, SN along
+    dim 0); none for 1-D weights. Also ``scale`` and ``eps``.
+    """
+    scale = getattr(norm, "scale", 1.0)
+    if weight.ndim == 1:
+        return vector_graph(weight, norm.eps, scale)
+    buffers = norm._buffers
+    if "_u1" in buffers:
+        return bsn_eval_graph(weight, buffers["_u0"], buffers["_v0"], buffers["_u1"], buffers["_v1"], scale)
+    if "_u0" in buffers:
+        return sn_eval_graph(weight, buffers["_u0"], buffers["_v0"], 0, scale)
+    return sn_eval_graph(weight, buffers["_u"], buffers["_v"], norm.dim, scale)

@@ -169,6 +169,10 @@ def test_legacy_flavour_exports(tmp_path, dynamo):
         expected = model(x)
     _export(model, x, tmp_path / "legacy.onnx", dynamo)
     _assert_matches(_run_onnx(tmp_path / "legacy.onnx", x), expected)
+    if dynamo:  # in training mode the hook would update u/v: refused
+        model.train()
+        with pytest.raises(Exception, match="eval mode"):
+            _export(model, x, tmp_path / "legacy_train.onnx", dynamo)
 
 
 def _chain(exc):

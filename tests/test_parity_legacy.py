@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradcheck
 
-from parity_helpers import IMPLS, assert_close, legacy_api, run_scenario, same_storage
+from parity_helpers import IMPLS, assert_close, legacy_api, run_scenario, same_storage, swap_module_params
 
 pytestmark = pytest.mark.parametrize("impl", IMPLS)
 
@@ -308,6 +308,32 @@ def test_state_dict_loading_and_torch_before_1_0_checkpoints(impl, forwards_befo
         with pytest.raises(RuntimeError, match="weight"):
             reload(m, incomplete)
         return {"expected": expected, "old": old_outs, "solved_v": solved_v}
+
+    run_scenario(impl, legacy_api, scenario)
+
+
+@pytest.mark.parametrize("meta_init", [False, True])
+@pytest.mark.parametrize("swap", [False, True])
+def test_load_state_dict_assign(impl, swap, meta_init):
+    def scenario(api):
+        with swap_module_params(swap):
+            x = torch.randn(2, 3)
+            src = api.spectral_norm(nn.Linear(3, 5))
+            src(x)
+            state = copy.deepcopy(src.state_dict())
+            # A module built on the meta device (no memory, no values) gets its tensors from the checkpoint.
+            with torch.device("meta" if meta_init else "cpu"):
+                dst = api.spectral_norm(nn.Linear(3, 5))
+            dst.load_state_dict(state, assign=True)
+            assert isinstance(dst.weight_orig, nn.Parameter) and not dst.weight_orig.is_meta
+            for key in ("weight_orig", "weight_u", "weight_v"):
+                assert torch.equal(getattr(dst, key), state[key])
+            src.eval(), dst.eval()
+            assert torch.equal(dst(x), src(x))  # the hook recomputes weight from the loaded tensors
+            dst.train()
+            out = dst(x)
+            out.sum().backward()
+            return {"eval": src(x), "train": out, "grad": dst.weight_orig.grad, "u": dst.weight_u}
 
     run_scenario(impl, legacy_api, scenario)
 
