@@ -3,8 +3,9 @@
 * :func:`in_backward_pass`: a forward re-run by activation checkpointing inside
   the backward pass must not iterate the vectors again;
 * :func:`is_plain_eager`: whether a call may take the eager-only shortcuts (the
-  eval cache): not while torch.compile, torch.export, ONNX export or jit
-  tracing records the call, nor under torch.func transforms or forward-mode AD.
+  eval cache): not while torch.compile, torch.export or jit tracing records
+  the call, nor under torch.func transforms or forward-mode AD (ONNX export is
+  routed earlier, see :mod:`bsn_cuda.onnx_export`).
 
 Each test is a few attribute reads: they run on every forward of every layer.
 """
@@ -48,17 +49,11 @@ def transforms_active():
     return _functorch_active() or forward_ad_active()
 
 
-def _onnx_exporting():
-    is_exporting = getattr(torch.onnx, "is_in_onnx_export", None)
-    return bool(is_exporting and is_exporting())
-
-
 def is_plain_eager():
     """Eager autograd-mode execution that no tracer records (see module docstring)."""
     return not (
         _is_compiling()
         or torch.jit.is_tracing()
-        or _onnx_exporting()
         or _functorch_active()
         or forward_ad_active()
     )

@@ -24,8 +24,9 @@ Complex weights run torch's own computation.
 import torch
 from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook
 
-from .. import _checks, _ops
+from .. import _checks, _ops, onnx_export
 
 __all__ = ["FusedLegacySpectralNorm", "spectral_norm", "remove_spectral_norm", "fuse_legacy_hook"]
 
@@ -54,6 +55,9 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
         weight = getattr(module, self.name + "_orig")
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
+        if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops, no u/v update
+            onnx_export.check_eval(do_power_iteration, "nn.utils.spectral_norm")
+            return onnx_export.sn_eval_graph(weight, u, v, self.dim)
         if weight.dtype not in _checks.REAL_DTYPES:  # complex: torch's own computation
             return super().compute_weight(module, do_power_iteration)
         return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, do_power_iteration)[0]
@@ -98,7 +102,16 @@ def remove_spectral_norm(module, name="weight"):
     """Remove the legacy spectral norm (fused or torch's) of ``module.<name>``: as
     ``torch.nn.utils.remove_spectral_norm``, whose behaviour this is
     (``module.<name>`` becomes a Parameter holding the normalized weight,
-    computed without a power iteration). Returns ``module``."""
+    computed without a power iteration), except that loading a plain
+    checkpoint into the module afterwards works (torch's leaves its load hook
+    behind). Returns ``module``."""
     _checks.check_module(module)
     _checks.check_name(name)
-    return torch.nn.utils.remove_spectral_norm(module, name)
+    torch.nn.utils.remove_spectral_norm(module, name)
+    # torch's remove misses its load pre-hook when torch stored it wrapped
+    # (_WrappedHook), which then breaks loading a plain checkpoint: drop it.
+    for key, hook in list(module._load_state_dict_pre_hooks.items()):
+        inner = getattr(hook, "hook", hook)
+        if isinstance(inner, SpectralNormLoadStateDictPreHook) and inner.fn.name == name:
+            del module._load_state_dict_pre_hooks[key]
+    return module

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _complex, _context, _ops, reference
+from .. import _complex, _context, _ops, onnx_export, reference
 from .._checks import check_dim, check_hyperparameters, check_n_power_iterations, check_weight
 from ..functional import uses_single_matricization
 
@@ -55,6 +55,9 @@ class _NormParametrization(nn.Module):
     # -- forward -----------------------------------------------------------
 
     def forward(self, weight):
+        if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops (no fused op, no u/v update)
+            onnx_export.check_eval(self.training, type(self).__name__)
+            return onnx_export.eval_graph(self, weight)
         if self.training:
             self._cache = None
             if _context.in_backward_pass():  # a checkpoint recomputation: no second update

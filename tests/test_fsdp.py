@@ -1,0 +1,188 @@
+"""FSDP2 (``fully_shard``) with the fused SN/BSN: 2 processes, gloo, CPU, loopback only.
+
+The same checks as the DDP test (tests/test_distributed.py, whose model,
+batches and sizes this file reuses): each rank trains on its half of the
+batch, FSDP2 shards the weights (``parametrizations.weight.original`` becomes
+a sharded DTensor, gathered before each forward) and reduce-scatters the
+averaged gradients. The power iteration depends only on the (gathered) weight
+and the vectors, which FSDP leaves as plain replicated buffers, so:
+
+* ranks agree bit for bit (vectors, sigma buffers, full weights) after every step;
+* they equal a single-process run on the concatenated batch (losses averaged
+  over ranks, weights, vectors) up to the rounding of the gradient reduction
+  (float64, tolerance 1e-10);
+* with the GAN pattern (two forwards, real and fake, per backward), with and
+  without resharding after forward.
+
+The workers are this file run as a script (``python test_fsdp.py RANK WORLD
+STORE OUT``), as in the DDP test.
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from test_distributed import BATCH_PER_RANK, VECTOR_NAMES, WORLD_SIZE, _batches, _model
+
+# (name, kind, reshard_after_forward)
+SCENARIOS = [
+    ("sn", "sn", True),
+    ("bsn", "bsn", True),
+    ("mixed-no-reshard", "mixed", False),
+]
+
+
+def _fully_shard():
+    """``fully_shard`` (torch >= 2.6: torch.distributed.fsdp; 2.4/2.5: torch.distributed._composable.fsdp) or None."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard
+        except ImportError:
+            return None
+    return fully_shard
+
+
+def _full(tensor):
+    # A sharded parameter is a DTensor: gather it (a collective; every rank calls it in the same order).
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else tensor).detach().clone()
+
+
+def _train(module, rank=None):
+    """GAN discriminator steps on the whole batch (rank None) or on rank's shard; full tensors recorded."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    records = []
+    for real, fake in _batches():
+        if rank is not None:
+            real, fake = (t[rank * BATCH_PER_RANK : (rank + 1) * BATCH_PER_RANK] for t in (real, fake))
+        loss = nn.functional.softplus(-module(real)).mean() + nn.functional.softplus(module(fake)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        records.append(
+            {
+                "loss": loss.detach().clone(),
+                "params": {k: _full(p) for k, p in module.named_parameters()},
+                "vectors": {k: b.detach().clone() for k, b in module.named_buffers() if k.rsplit(".", 1)[-1] in VECTOR_NAMES},
+            }
+        )
+    return records
+
+
+def _worker(rank, world_size, store, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard = _fully_shard()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        results = {}
+        for name, kind, reshard in SCENARIOS:
+            module = _model(kind)
+            for layer in module:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+            sharded = type(module[0].parametrizations.weight.original).__name__
+            assert sharded == "DTensor", f"expected a sharded DTensor weight, got {sharded}"
+            results[name] = _train(module, rank)
+            dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# The tests (parent process)
+
+if __name__ != "__main__":
+    import pytest
+    from conftest import requires_ops
+
+    pytestmark = [
+        pytest.mark.skipif(
+            not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+            reason="needs torch.distributed with gloo",
+        ),
+        pytest.mark.skipif(
+            _fully_shard() is None,
+            reason=f"FSDP2 fully_shard not in torch {torch.__version__} "
+            "(torch.distributed.fsdp or torch.distributed._composable.fsdp)",
+        ),
+    ]
+
+    @pytest.fixture(scope="module")
+    def fsdp_results(tmp_path_factory):
+        tmp = tmp_path_factory.mktemp("fsdp")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if os.path.exists("/sys/class/net/lo"):
+            env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+        store = tmp / "store"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), str(rank), str(WORLD_SIZE), str(store), str(tmp)],
+                env=env,
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(WORLD_SIZE)
+        ]
+        outputs = []
+        try:
+            for proc in procs:
+                outputs.append(proc.communicate(timeout=300))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+            assert proc.returncode == 0, f"rank {rank} failed:\n{out}\n{err[-5000:]}"
+        return [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+    NAMES = [name for name, *_ in SCENARIOS]
+
+    @requires_ops
+    @pytest.mark.parametrize("name", NAMES)
+    def test_ranks_stay_bitwise_in_sync(fsdp_results, name):
+        rank0, *others = (results[name] for results in fsdp_results)
+        for other in others:
+            for step, (a, b) in enumerate(zip(rank0, other)):
+                for part in ("vectors", "params"):
+                    assert a[part].keys() == b[part].keys()
+                    for key in a[part]:
+                        assert torch.equal(a[part][key], b[part][key]), f"step {step}: {key} differs between ranks"
+
+    @requires_ops
+    @pytest.mark.parametrize("name", NAMES)
+    def test_fsdp_matches_single_process_on_the_whole_batch(fsdp_results, name):
+        kind = dict((n, k) for n, k, *_ in SCENARIOS)[name]
+        module = _model(kind)
+        expected = _train(module)
+        tol = dict(rtol=1e-10, atol=1e-12)
+        per_rank = [results[name] for results in fsdp_results]
+        for step, want in enumerate(expected):
+            loss = sum(records[step]["loss"] for records in per_rank) / WORLD_SIZE
+            torch.testing.assert_close(loss, want["loss"], **tol, msg=f"step {step}: loss")
+            got = per_rank[0][step]
+            for part in ("params", "vectors"):
+                assert got[part].keys() == want[part].keys()
+                for key in want[part]:
+                    torch.testing.assert_close(got[part][key], want[part][key], **tol, msg=f"step {step}: {key}")
+        # Training moved the vectors and the weights (the test would be vacuous otherwise).
+        first, last = per_rank[0][0], per_rank[0][-1]
+        assert any(not torch.equal(first["vectors"][k], last["vectors"][k]) for k in first["vectors"])
+        assert any(not torch.equal(first["params"][k], last["params"][k]) for k in first["params"])
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
