@@ -295,14 +295,14 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=No
     with respect to ``weight``. ``log``: an optional 1-D tensor of the state's
     dtype that receives sigma (``state[0]``, broadcast to its length).
     """
-    if not _is_compiling():
-        if _transforms_active():
-            return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
-        if _FAST is not None:
-            result = _FAST.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
-            if result is not None:
-                return result
     if weight.device.type in OP_DEVICES:
+        if not _is_compiling():
+            if _transforms_active():
+                return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
+            if _FAST is not None:
+                result = _FAST.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
+                if result is not None:
+                    return result
         out, state = torch.ops.bsn_cuda.sn_forward.default(weight, u, v, dim, n_power_iterations, eps, scale, update)
         if log is not None:
             _write_log(log, state, 1)
@@ -314,14 +314,14 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=No
 def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log=None):
     """``bsn_cuda::bsn_forward`` (or its reference); returns ``(out, state)``.
     ``log`` receives ``[sigma, sigma_0, sigma_1]`` (``state[:3]``)."""
-    if not _is_compiling():
-        if _transforms_active():
-            return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
-        if _FAST is not None:
-            result = _FAST.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
-            if result is not None:
-                return result
     if weight.device.type in OP_DEVICES:
+        if not _is_compiling():
+            if _transforms_active():
+                return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+            if _FAST is not None:
+                result = _FAST.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+                if result is not None:
+                    return result
         out, state = torch.ops.bsn_cuda.bsn_forward.default(
             weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update
         )

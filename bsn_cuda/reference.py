@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._context import transforms_active
+
 __all__ = [
     "acc_dtype",
     "matricize",
@@ -220,12 +222,15 @@ def _check_state(op, state, weight, expected_size):
 
 
 @torch.no_grad()
-def _power_iteration(w_mat, u, v, n_power_iterations, eps, update):
-    """Iterate one (u, v) pair; returns sigma (0-dim, acc dtype).
+def _power_iteration(w_acc, dim, u, v, n_power_iterations, eps, update):
+    """Iterate one (u, v) pair of ``W_mat(dim)``; returns sigma (0-dim, acc dtype).
 
-    ``w_mat`` is detached and in the acc dtype; ``u``, ``v`` are the buffers
-    (weight dtype), overwritten only when the last iteration is valid.
+    ``w_acc`` is the weight in the acc dtype; ``u``, ``v`` are the buffers
+    (weight dtype), overwritten only when the last iteration is valid. (The
+    detach happens here, under no_grad, so that under torch.func.grad the
+    iteration runs below the transform and may update buffers it captured.)
     """
+    w_mat = matricize(w_acc.detach(), dim)
     acc = w_mat.dtype
     v_acc = v.to(acc)
     if not update:
@@ -241,8 +246,10 @@ def _power_iteration(w_mat, u, v, n_power_iterations, eps, update):
     sigma = torch.dot(v_raw, v_acc)
     # The accept rule, without a host sync: a non-finite or zero norm keeps the buffers.
     valid = torch.isfinite(norm_s) & (norm_s > 0) & torch.isfinite(norm_v_raw) & (norm_v_raw > 0)
-    u.copy_(torch.where(valid, u_acc, u.to(acc)))
-    v.copy_(torch.where(valid, v_acc, v.to(acc)))
+    # out= rather than copy_: as torch's SN does, so that under torch.func.grad
+    # (buffers passed to functional_call) the update of a captured buffer works.
+    torch.where(valid, u_acc.to(u.dtype), u.clone(), out=u)
+    torch.where(valid, v_acc.to(v.dtype), v.clone(), out=v)
     return sigma
 
 
@@ -281,10 +288,10 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
 
     acc = acc_dtype(weight.dtype)
     w_acc = weight.to(acc)
-    sigma = _power_iteration(matricize(w_acc.detach(), dim), u, v, n_power_iterations, eps, update)
+    sigma = _power_iteration(w_acc, dim, u, v, n_power_iterations, eps, update)
     state = torch.cat([sigma.reshape(1), u.to(acc), v.to(acc)])
 
-    if w_acc.requires_grad:
+    if w_acc.requires_grad or transforms_active():  # (forward-mode AD: tangents without requires_grad)
         u_c, v_c = state[1 : 1 + m], state[1 + m :]
         sigma = _live_sigma(sigma, torch.dot(u_c, torch.mv(matricize(w_acc, dim), v_c)))
     return _scaled_output(weight, w_acc, sigma, scale), state
@@ -310,15 +317,14 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
 
     acc = acc_dtype(weight.dtype)
     w_acc = weight.to(acc)
-    w_det = w_acc.detach()
-    sigma_0 = _power_iteration(matricize(w_det, 0), u0, v0, n_power_iterations, eps, update)
-    sigma_1 = _power_iteration(matricize(w_det, 1), u1, v1, n_power_iterations, eps, update)
+    sigma_0 = _power_iteration(w_acc, 0, u0, v0, n_power_iterations, eps, update)
+    sigma_1 = _power_iteration(w_acc, 1, u1, v1, n_power_iterations, eps, update)
     sigma = (sigma_0 + sigma_1) / 2
     state = torch.cat(
         [sigma.reshape(1), sigma_0.reshape(1), sigma_1.reshape(1), u0.to(acc), v0.to(acc), u1.to(acc), v1.to(acc)]
     )
 
-    if w_acc.requires_grad:
+    if w_acc.requires_grad or transforms_active():  # (forward-mode AD: tangents without requires_grad)
         (cu0, cv0), (cu1, cv1) = _split_pairs(state, weight.shape, (0, 1))
         live = (
             torch.dot(cu0, torch.mv(matricize(w_acc, 0), cv0)) + torch.dot(cu1, torch.mv(matricize(w_acc, 1), cv1))

@@ -1,0 +1,225 @@
+"""torch.func transforms and forward-mode AD through SN / BSN layers.
+
+The fused ops have no batching rule and no forward derivative, so bsn_cuda
+routes these calls to the differentiable reference; derivatives must equal
+those of torch's SN under the same transforms (same seed, so the same
+vectors), and a direct op call with a tangent must raise, never return an
+output without one.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+import bsn_cuda
+from bsn_cuda import reference
+
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+def _model(make, seed=3):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)
+    ).double()
+    for layer in (model[0], model[3]):
+        make(layer)
+    return model
+
+
+TORCH_SN = torch.nn.utils.parametrizations.spectral_norm
+OURS = {
+    "parametrization": bsn_cuda.spectral_norm,
+    "legacy": bsn_cuda.nn.utils.spectral_norm,
+}
+TORCH = {
+    "parametrization": TORCH_SN,
+    "legacy": torch.nn.utils.spectral_norm,
+}
+
+
+def _pair(flavour, mode):
+    ours, theirs = _model(OURS[flavour]), _model(TORCH[flavour])
+    getattr(ours, mode)(), getattr(theirs, mode)()
+    return ours, theirs
+
+
+def _params(model):
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _buffers(model):
+    return {k: v for k, v in model.named_buffers() if not k.endswith(("_sigma", "_sigmas"))}
+
+
+def _x(n=5, seed=0):
+    return torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("flavour", ["parametrization", "legacy"])
+def test_grad_matches_torch(flavour):
+    ours, theirs = _pair(flavour, "eval")
+    x = _x()
+
+    def loss(model, params):
+        return functional_call(model, params, (x,)).square().sum()
+
+    g_ours = grad(lambda p: loss(ours, p))(_params(ours))
+    g_theirs = grad(lambda p: loss(theirs, p))(_params(theirs))
+    assert g_ours.keys() == g_theirs.keys()
+    for k in g_ours:
+        torch.testing.assert_close(g_ours[k], g_theirs[k], **TOL, msg=k)
+    # and equal to plain autograd through the fused ops
+    loss(ours, dict(ours.named_parameters())).backward()
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, g_ours[k], **TOL, msg=k)
+
+
+@pytest.mark.parametrize("flavour", ["parametrization", "legacy"])
+def test_per_sample_grads_with_vmap_match_torch(flavour):
+    ours, theirs = _pair(flavour, "eval")
+    x = _x(4)
+
+    def per_sample(model):
+        def loss(params, xi):
+            return functional_call(model, params, (xi.unsqueeze(0),)).square().sum()
+
+        return vmap(grad(loss), in_dims=(None, 0))(_params(model), x)
+
+    g_ours, g_theirs = per_sample(ours), per_sample(theirs)
+    for k in g_ours:
+        assert g_ours[k].shape[0] == 4
+        torch.testing.assert_close(g_ours[k], g_theirs[k], **TOL, msg=k)
+
+
+def test_jacrev_of_the_normalized_weight_matches_torch():
+    torch.manual_seed(1)
+    ours = bsn_cuda.spectral_norm(nn.Linear(4, 3).double()).eval()
+    torch.manual_seed(1)
+    theirs = TORCH_SN(nn.Linear(4, 3).double()).eval()
+
+    def weight_of(model):
+        return model.parametrizations.weight[0]  # W -> W_sn
+
+    j_ours = jacrev(weight_of(ours))(ours.parametrizations.weight.original.detach())
+    j_theirs = jacrev(weight_of(theirs))(theirs.parametrizations.weight.original.detach())
+    assert j_ours.shape == (3, 4, 3, 4)
+    torch.testing.assert_close(j_ours, j_theirs, **TOL)
+
+
+@pytest.mark.parametrize("flavour", ["parametrization", "legacy"])
+def test_jvp_matches_torch_and_finite_differences(flavour):
+    ours, theirs = _pair(flavour, "eval")
+    x = _x(3)
+    params = _params(ours)
+    tangents = {k: torch.randn_like(v, generator=torch.Generator().manual_seed(7)) for k, v in params.items()}
+
+    def f(model):
+        return lambda p: functional_call(model, p, (x,))
+
+    out, t_ours = jvp(f(ours), (params,), (tangents,))
+    _, t_theirs = jvp(f(theirs), (_params(theirs),), (tangents,))
+    torch.testing.assert_close(t_ours, t_theirs, **TOL)
+    h = 1e-6
+    plus = f(ours)({k: v + h * tangents[k] for k, v in params.items()})
+    minus = f(ours)({k: v - h * tangents[k] for k, v in params.items()})
+    torch.testing.assert_close(t_ours, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("flavour", ["parametrization", "legacy"])
+def test_forward_ad_gives_the_tangent(flavour):
+    import torch.autograd.forward_ad as fwAD
+
+    ours, theirs = _pair(flavour, "eval")
+    x = _x(2)
+    tangent = torch.randn_like(x)
+    results = []
+    for model in (ours, theirs):
+        with fwAD.dual_level():
+            out = model(fwAD.make_dual(x, tangent))
+            results.append(fwAD.unpack_dual(out).tangent)
+    assert results[0] is not None
+    torch.testing.assert_close(results[0], results[1], **TOL)
+
+
+
+def test_forward_ad_tangent_of_the_weight_has_the_sn_term():
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(2)
+    norm = bsn_cuda.spectral_norm(nn.Linear(5, 4).double()).eval().parametrizations.weight[0]
+    w = torch.randn(4, 5, dtype=torch.float64)
+    dw = torch.randn_like(w)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(norm(fwAD.make_dual(w, dw))).tangent
+    assert tangent is not None
+    h = 1e-6
+    fd = (norm(w + h * dw) - norm(w - h * dw)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_bsn_under_grad_and_jvp_matches_its_formula():
+    torch.manual_seed(5)
+    layer = bsn_cuda.bidirectional_spectral_norm(nn.Conv2d(3, 4, 3).double()).eval()
+    norm = layer.parametrizations.weight[0]
+    b = norm._buffers
+
+    def formula(w):
+        s0 = b["_u0"] @ reference.matricize(w, 0) @ b["_v0"]
+        s1 = b["_u1"] @ reference.matricize(w, 1) @ b["_v1"]
+        return w / ((s0 + s1) / 2)
+
+    w = layer.parametrizations.weight.original.detach()
+    g = torch.randn_like(w)
+    torch.testing.assert_close(grad(lambda w: (norm(w) * g).sum())(w), grad(lambda w: (formula(w) * g).sum())(w), **TOL)
+    dw = torch.randn_like(w)
+    torch.testing.assert_close(jvp(norm, (w,), (dw,))[1], jvp(formula, (w,), (dw,))[1], **TOL)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    per_sample = vmap(grad(lambda p, xi: functional_call(layer, p, (xi[None],)).sum()), in_dims=(None, 0))
+    grads = per_sample(_params(layer), x)
+    assert grads["parametrizations.weight.original"].shape == (2,) + tuple(w.shape)
+
+
+@pytest.mark.parametrize("flavour", ["parametrization", "legacy"])
+def test_training_mode_under_grad_behaves_like_torch(flavour):
+    """Training mode updates buffers in place; where torch allows that under a
+    transform (buffers passed to functional_call), so do we, with torch's values;
+    where torch raises, so do we."""
+    ours, theirs = _pair(flavour, "train")
+    x = _x(3)
+
+    def run(model):
+        params, buffers = _params(model), {k: v.clone() for k, v in _buffers(model).items()}
+        try:
+            g = grad(lambda p: functional_call(model, (p, buffers), (x,)).sum())(params)
+        except Exception as exc:  # noqa: BLE001 - compared across implementations below
+            return exc
+        return g, buffers
+
+    r_ours, r_theirs = run(ours), run(theirs)
+    assert isinstance(r_ours, Exception) == isinstance(r_theirs, Exception), (r_ours, r_theirs)
+    if isinstance(r_ours, Exception):
+        return
+    for k in r_ours[0]:
+        torch.testing.assert_close(r_ours[0][k], r_theirs[0][k], **TOL, msg=k)
+    for k in r_ours[1]:
+        torch.testing.assert_close(r_ours[1][k], r_theirs[1][k], **TOL, msg=k)
+
+
+@pytest.mark.parametrize("op", ["sn", "bsn"])
+def test_direct_op_call_with_a_tangent_raises(op):
+    import torch.autograd.forward_ad as fwAD
+
+    w = torch.randn(3, 4, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(w, torch.randn_like(w))
+        with pytest.raises(RuntimeError, match="forward-mode tangent"):
+            if op == "sn":
+                torch.ops.bsn_cuda.sn_forward(dual, torch.ones(3, dtype=torch.float64), torch.ones(12, dtype=torch.float64),
+                                              0, 1, 1e-12, 1.0, True)
+            else:
+                torch.ops.bsn_cuda.bsn_forward(
+                    dual, torch.ones(3, dtype=torch.float64), torch.ones(12, dtype=torch.float64),
+                    torch.ones(4, dtype=torch.float64), torch.ones(9, dtype=torch.float64), 1, 1e-12, 1.0, True,
+                )
