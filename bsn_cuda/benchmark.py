@@ -132,7 +132,7 @@ E2E = "e2e"
 ALL_SUITES = list(SUITES) + [E2E]
 QUICK_SUITES = ["sngan_cnn", E2E]
 
-IMPLS = ["torch_sn", "torch_legacy", "torch_compiled", "torch_bsn", "ref_bsn", "fused_sn", "fused_bsn"]
+IMPLS = ["torch_sn", "torch_legacy", "torch_compiled", "torch_bsn", "ref_bsn", "fused_sn", "fused_legacy", "fused_bsn"]
 IMPL_TITLES = {
     "torch_sn": "torch SN",
     "torch_legacy": "legacy SN",
@@ -140,9 +140,10 @@ IMPL_TITLES = {
     "torch_bsn": "torch BSN",
     "ref_bsn": "reference BSN",
     "fused_sn": "fused SN",
+    "fused_legacy": "fused legacy SN",
     "fused_bsn": "fused BSN",
 }
-FUSED = ("fused_sn", "fused_bsn")
+FUSED = ("fused_sn", "fused_legacy", "fused_bsn")
 MODES = ["train", "eval", "fwd_bwd"]
 # ref_bsn (bsn_cuda.reference as a parametrization, with the ops' bookkeeping:
 # checks, state snapshot, accept rule) only on request; torch_bsn is the lean
@@ -165,6 +166,7 @@ COMPARISONS = [
     ("vs_legacy", "torch_legacy", "fused_sn", "fused SN vs legacy SN"),
     ("vs_compiled", "torch_compiled", "fused_sn", "fused SN vs compiled SN"),
     ("bsn_vs_torch_bsn", "torch_bsn", "fused_bsn", "fused BSN vs torch BSN"),
+    ("legacy_vs_legacy", "torch_legacy", "fused_legacy", "fused legacy SN vs legacy SN"),
 ]
 BSN_RATIO = ("bsn_sn", "fused_bsn", "fused_sn", "fused BSN / fused SN cost")
 
@@ -181,6 +183,16 @@ GOALS = [
      "sngan_cnn", "train", "bsn_sn", "<=", 1.3),
     ("bsn_fwd_bwd_1.3", "SNGAN CNN training fwd+bwd: fused BSN <= 1.3x fused SN",
      "sngan_cnn", "fwd_bwd", "bsn_sn", "<=", 1.3),
+    ("train_fwd_4x", "SNGAN CNN training forward: fused SN >= 4x torch parametrized SN",
+     "sngan_cnn", "train", "vs_torch_sn", ">=", 4.0),
+    ("bsn_train_1.2", "SNGAN CNN training forward: fused BSN <= 1.2x fused SN",
+     "sngan_cnn", "train", "bsn_sn", "<=", 1.2),
+    # The legacy flavour must gain at least what the parametrized one gains:
+    # metric legacy_vs_legacy, threshold the same suite and mode's vs_torch_sn.
+    ("legacy_train", "SNGAN CNN training forward: fused legacy SN vs legacy SN >= fused SN vs torch SN",
+     "sngan_cnn", "train", "legacy_vs_legacy", ">=", "vs_torch_sn"),
+    ("legacy_fwd_bwd", "SNGAN CNN training fwd+bwd: fused legacy SN vs legacy SN >= fused SN vs torch SN",
+     "sngan_cnn", "fwd_bwd", "legacy_vs_legacy", ">=", "vs_torch_sn"),
 ]
 
 # Peak DRAM bandwidth in bytes/s by device-name fragment (first match wins).
@@ -446,6 +458,13 @@ def make_impl(impl, base):
             _bsn().spectral_norm(m)
 
             def fn():
+                return m.weight
+        elif impl == "fused_legacy":
+            _bsn().nn.utils.spectral_norm(m)
+            hook = _legacy_hook(m)
+
+            def fn():
+                hook(m, None)
                 return m.weight
         elif impl == "fused_bsn":
             bsn = _bsn()
@@ -1029,10 +1048,13 @@ def judge_goals(summary, native_by_device, dtype_name, threads):
                 continue
             dev = s["device"]
             val = s.get(key)
+            if isinstance(thr, str):  # a threshold that is another metric of the same summary row
+                thr = s.get(thr)
+                thr = None if thr is None else round(thr, 2)
             g = {"id": gid, "goal": text, "device": dev, "value": val, "op": op, "threshold": thr}
             if not native_by_device.get(dev, False):
                 g["status"] = "not judged (reference fallback, no fused ops)"
-            elif val is None:
+            elif val is None or thr is None:
                 g["status"] = "not measured"
             else:
                 ok = val >= thr if op == ">=" else val <= thr
@@ -1350,7 +1372,7 @@ def _layer_rows(records, device, suite, mode, impls, native, gpu=False):
         rows.append(cells)
     headers = ["layer", "shape"] + [impl_title(i, native) for i in impls]
     short = {"vs_torch_sn": "x torchSN", "vs_legacy": "x legacy", "vs_compiled": "x compiled",
-             "bsn_vs_torch_bsn": "BSN x torchBSN"}
+             "bsn_vs_torch_bsn": "BSN x torchBSN", "legacy_vs_legacy": "legacy x legacy"}
     headers += [short[c[0]] for c in comps]
     if has_ratio:
         headers.append("BSN/SN")
@@ -1548,6 +1570,22 @@ def to_markdown(result):
             goals_text(result, markdown=True),
             "",
         ]
+    if result.get("host"):
+        from .host_overhead import host_goals_text, host_table
+
+        parts += [
+            "### Host overhead (tiny weights)",
+            "",
+            "µs per call (median), interleaved; see bsn_cuda/host_overhead.py. `fused vs torch`: torch SN's time "
+            "over bsn_cuda's module API; `fused / identity`: bsn_cuda's over an identity parametrization.",
+            "",
+            host_table(result["host"], markdown=True),
+            "",
+            "```",
+            host_goals_text(result["host_goals"]),
+            "```",
+            "",
+        ]
     if result["e2e"]:
         parts += [
             "### End-to-end: SNGAN ResNet D (ch=128) training step",
@@ -1651,6 +1689,12 @@ def _print_goals_and_summary(result, write):
     write("")
     write("== goals (2-core CPU, sngan_cnn, float32; reported, never asserted) ==")
     write(goals_text(result))
+    if result.get("host_goals"):
+        from .host_overhead import host_goals_text
+
+        write("")
+        write("== host-overhead goals (tiny weights, module API; reported, never asserted) ==")
+        write(host_goals_text(result["host_goals"]))
 
 
 # --------------------------------------------------------------------------
@@ -1718,6 +1762,8 @@ def build_parser():
                         "(no heap trimming, mmap threshold 32 MiB), as in a long-running training process; "
                         "where page faults are expensive (VMs) the default allocator adds them to every call")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush L2 before each timed call")
+    p.add_argument("--no-host", action="store_true",
+                   help="skip the host-overhead section (tiny weights, see bsn_cuda.host_overhead)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -1824,6 +1870,14 @@ def run(args):
         progress.close()
     result["summary"], result["models"] = summarize(result["measurements"])
     native_by_device = {k: v["fused_native"] for k, v in env["devices"].items()}
+    if not args.no_host and any(d.type == "cpu" for d in devices):
+        from . import host_overhead
+
+        print("\n== host overhead: µs per call (median) on tiny weights, module and functional API ==", flush=True)
+        result["host"] = host_overhead.run_host_overhead(
+            None if not args.quick else Budget(warmup=20, min_reps=100, max_reps=2000, min_time=0.03, max_time=0.2))
+        result["host_goals"] = host_overhead.judge_host_goals(result["host"], native_by_device.get("cpu", False))
+        print(host_overhead.host_table(result["host"]), flush=True)
     result["goals"] = judge_goals(result["summary"], native_by_device, args.dtype, torch.get_num_threads())
     result["elapsed_s"] = time.time() - t_start
     result["waited_for_quiet_s"] = wait_budget0 - _WaitBudget.left

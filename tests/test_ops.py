@@ -43,6 +43,11 @@ SN_CASES = [
     ((128, 64, 3, 3), 1),
     ((300, 1000), 0),
     ((4099, 20), 0),  # tall and narrow: rows 16 at a time, two chunks, 3 rows left over
+    # 2-D weights along dim 1 (the legacy flavour's v-first iteration runs as
+    # these): rows of W summed in one pass, then dotted in a second, several chunks
+    ((300, 1000), 1),
+    ((4099, 20), 1),
+    ((3, 40000), -1),
 ]
 BSN_CASES = [(1, 1, 3), (4, 3, 3, 3), (6, 5, 2), (3, 7, 3, 3), (5, 4, 1, 1), (2, 3, 4, 5, 3), (16, 8, 5, 5), (128, 64, 3, 3)]
 QUICK_SN_CASES = [((17, 33), 0), ((4, 3, 3, 3), 1), ((3, 4, 5, 6), 2), ((128, 64, 3, 3), 0)]

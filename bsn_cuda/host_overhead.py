@@ -1,0 +1,198 @@
+"""Host overhead of one SN call: tiny weights, where the arithmetic costs nothing.
+
+What a call costs in Python, dispatcher and autograd work, measured on weights
+so small that the kernels take well under a microsecond (Linear(4, 4), a 3x3
+Conv2d(2, 2), BSN on the same conv). On a GPU this fixed cost is all that an
+SNGAN layer shows. Compared, interleaved on the same layer and mode:
+
+* ``identity``: a parametrization that returns its input: the floor any
+  parametrization pays (property getter, ParametrizationList, module calls);
+* ``torch_sn``: ``torch.nn.utils.parametrizations.spectral_norm``;
+* ``fused``: bsn_cuda's module API (``spectral_norm`` / ``bidirectional_spectral_norm``);
+* ``functional``: ``bsn_cuda.functional.spectral_norm`` / ``bidirectional_spectral_norm``
+  on a plain weight tensor with caller-held vectors (no parametrization).
+
+Modes: ``train`` (training forward, grad enabled), ``fwd_bwd`` (that forward
+plus ``W_sn.backward(G)``), ``eval`` (eval forward, grad enabled) and
+``eval_nograd`` (eval forward under ``torch.no_grad()``; the weight does not
+change between calls, so bsn_cuda's eval cache answers).
+
+Run alone with ``python -m bsn_cuda.host_overhead``; ``python -m bsn_cuda.benchmark``
+includes it (``--no-host`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["KINDS", "IMPLS", "MODES", "GOALS", "run_host_overhead", "host_table", "host_goals_text"]
+
+KINDS = {
+    "linear": ("Linear(4, 4)", lambda: nn.Linear(4, 4, bias=False)),
+    "conv3x3": ("Conv2d(2, 2, 3)", lambda: nn.Conv2d(2, 2, 3, bias=False)),
+    "bsn_conv3x3": ("BSN Conv2d(2, 2, 3)", lambda: nn.Conv2d(2, 2, 3, bias=False)),
+}
+IMPLS = ["identity", "torch_sn", "fused", "functional"]
+MODES = ["train", "fwd_bwd", "eval", "eval_nograd"]
+
+# (id, text, mode, metric, op, threshold). Metrics: "vs_torch" = time(torch_sn) /
+# time(fused); "vs_identity" = time(fused) / time(identity). Module API, every kind.
+GOALS = [
+    ("host_train_8x", "tiny weights, training forward: fused >= 8x torch SN", "train", "vs_torch", ">=", 8.0),
+    ("host_train_3id", "tiny weights, training forward: fused <= 3x the identity parametrization",
+     "train", "vs_identity", "<=", 3.0),
+    ("host_fwd_bwd_5x", "tiny weights, training fwd+bwd: fused >= 5x torch SN", "fwd_bwd", "vs_torch", ">=", 5.0),
+    ("host_eval_1.5id", "tiny weights, eval under no_grad (unchanged weight): fused <= 1.5x the identity "
+     "parametrization", "eval_nograd", "vs_identity", "<=", 1.5),
+]
+
+
+class _Identity(nn.Module):
+    def forward(self, weight):
+        return weight
+
+
+def _module_case(kind, impl):
+    import bsn_cuda
+
+    torch.manual_seed(0)
+    m = KINDS[kind][1]()
+    if impl == "identity":
+        parametrize.register_parametrization(m, "weight", _Identity())
+    elif impl == "torch_sn":
+        torch.nn.utils.parametrizations.spectral_norm(m)
+    elif kind == "bsn_conv3x3":
+        bsn_cuda.bidirectional_spectral_norm(m)
+    else:
+        bsn_cuda.spectral_norm(m)
+    return m, (lambda: m.weight), [p for p in m.parameters()]
+
+
+def _functional_case(kind):
+    from bsn_cuda import functional
+
+    torch.manual_seed(0)
+    m = KINDS[kind][1]()
+    w = m.weight
+    if kind == "bsn_conv3x3":
+        vectors = functional.init_bsn_vectors(w.detach())
+        return m, (lambda: functional.bidirectional_spectral_norm(w, *vectors, training=m.training)), [w]
+    u, v = functional.init_sn_vectors(w.detach())
+    return m, (lambda: functional.spectral_norm(w, u, v, training=m.training)), [w]
+
+
+def _case(kind, impl, mode):
+    """(call, reset) for one kind, implementation and mode."""
+    m, get, params = _functional_case(kind) if impl == "functional" else _module_case(kind, impl)
+    m.train(mode in ("train", "fwd_bwd"))
+    if mode == "eval_nograd":
+
+        def call():
+            with torch.no_grad():
+                return get()
+
+        return call, lambda: None, m
+    if mode == "fwd_bwd":
+        grad = torch.ones_like(m.weight)
+
+        def call():
+            get().backward(grad)
+
+        def reset():
+            for p in params:
+                p.grad = None
+
+        return call, reset, m
+    return get, lambda: None, m
+
+
+def run_host_overhead(budget=None, write=print):
+    """Measure every kind x mode x implementation; returns a list of records."""
+    from .benchmark import Budget, _warm_up_cpu, time_cpu_interleaved
+
+    budget = budget or Budget(warmup=50, min_reps=300, max_reps=4000, min_time=0.1, max_time=0.6)
+    records = []
+    for kind in KINDS:
+        for mode in MODES:
+            cases, keep = {}, []
+            for impl in IMPLS:
+                call, reset, m = _case(kind, impl, mode)
+                _warm_up_cpu(call, reset, budget)
+                cases[impl] = (call, reset)
+                keep.append(m)
+            for impl, st in time_cpu_interleaved(cases, budget).items():
+                records.append(dict(st, kind=kind, mode=mode, impl=impl, title=KINDS[kind][0]))
+    return records
+
+
+def _index(records):
+    return {(r["kind"], r["mode"], r["impl"]): r for r in records}
+
+
+def _us(rec):
+    return rec["median_s"] * 1e6
+
+
+def host_table(records, markdown=False):
+    """µs per call (median) for each kind and mode, with the ratios the goals use."""
+    idx = _index(records)
+    head = ["weight", "mode", "identity", "torch SN", "fused", "functional", "fused vs torch", "fused / identity"]
+    rows = []
+    for kind in KINDS:
+        for mode in MODES:
+            r = {impl: idx.get((kind, mode, impl)) for impl in IMPLS}
+            if any(v is None for v in r.values()):
+                continue
+            rows.append([KINDS[kind][0], mode] + [f"{_us(r[i]):.1f}" for i in IMPLS] + [
+                f"{_us(r['torch_sn']) / _us(r['fused']):.2f}x", f"{_us(r['fused']) / _us(r['identity']):.2f}"])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = lambda row: "  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(head)] + [fmt(row) for row in rows])
+
+
+def judge_host_goals(records, native=True):
+    idx = _index(records)
+    goals = []
+    for gid, text, mode, metric, op, thr in GOALS:
+        for kind in KINDS:
+            fused, torch_sn, ident = (idx.get((kind, mode, i)) for i in ("fused", "torch_sn", "identity"))
+            if fused is None or torch_sn is None or ident is None:
+                continue
+            val = _us(torch_sn) / _us(fused) if metric == "vs_torch" else _us(fused) / _us(ident)
+            ok = val >= thr if op == ">=" else val <= thr
+            status = ("met" if ok else "NOT met") if native else "not judged (reference fallback, no fused ops)"
+            goals.append({"id": gid, "goal": f"{text} [{KINDS[kind][0]}]", "device": "cpu", "value": val,
+                          "op": op, "threshold": thr, "status": status,
+                          "caveat": "contended" if fused.get("contended") or torch_sn.get("contended") else ""})
+    return goals
+
+
+def host_goals_text(goals):
+    return "\n".join(f"  {g['status'].upper() if g['status'] in ('met', 'NOT met') else g['status']}: {g['goal']}: "
+                     f"{g['value']:.2f} ({g['op']} {g['threshold']})" + (f" [{g['caveat']}]" if g["caveat"] else "")
+                     for g in goals)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bsn_cuda.host_overhead", description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N) [1]")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = run_host_overhead()
+    print(f"== host overhead: µs per call (median), {args.threads} thread(s), torch {torch.__version__} ==")
+    print(host_table(records))
+    print("\n== host-overhead goals (reported, never asserted) ==")
+    print(host_goals_text(judge_host_goals(records)))
+
+
+if __name__ == "__main__":
+    main()
