@@ -20,7 +20,8 @@ one batch, what their analysis talks about:
 
 The probe has no side effects: by default it runs the model in eval mode (so
 no power-iteration update) and uses ``torch.autograd.grad`` (no ``.grad`` is
-written); the mode is restored.
+written); the mode is restored. Only the non-persistent sigma logs read by
+``get_sigma`` change: they record the probe's forward.
 """
 
 import dataclasses
