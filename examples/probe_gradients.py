@@ -68,6 +68,9 @@ def summarize(reports):
         "sigma_mat1": [r.sigma_mat1 for r in reports],
         "sigma_strict": [r.sigma_strict for r in reports],
         "spread": max(g) / min(g) if min(g) > 0 else math.inf,
+        # Upper bound on D's Lipschitz constant: product of the layers' operator norms
+        # (LeakyReLU is 1-Lipschitz); the linear layer's is its matrix norm.
+        "lipschitz_bound": math.prod(r.eff_sigma_strict for r in reports[:-1]) * reports[-1].eff_sigma_mat0,
     }
 
 
@@ -127,20 +130,20 @@ def markdown(result):
                      + f" | {a[k]['spread']:.3g} | {a[k]['d_out_std']:.3g} |")
     lines += ["", "Effective gain of each layer: the operator norm of the convolution with the weight it uses "
               "(strict spectral norm of W_eff).", ""]
-    lines.append("| variant | " + " | ".join(f"L{i + 1}" for i in range(n_layers - 1)) + " | product |")
-    lines.append("|---|" + "---|" * n_layers)
+    lines.append("| variant | " + " | ".join(f"L{i + 1}" for i in range(n_layers - 1)) + " | L8 (linear) | product |")
+    lines.append("|---|" + "---|" * (n_layers + 1))
     for k in names:
-        g = a[k]["eff_sigma_strict"][:-1]
+        g = a[k]["eff_sigma_strict"][:-1] + [a[k]["eff_sigma_mat0"][-1]]
         lines.append(f"| {k} | " + " | ".join(f"{v:.3g}" for v in g) + f" | {math.prod(g):.3g} |")
     lines += ["", f"Ratio sigma_strict / sigma(W_mat(0)) of the raw convolution kernels (SN variant): "
               + " ".join(f"{st / sn:.2f}" for st, sn in zip(a["SN"]["sigma_strict"][:-1], a["SN"]["sigma_mat0"][:-1])), ""]
     lines += [f"## B. During training (width {s['train_width']}, digits 32x32x3, lr {s['lr']}, batch {s['train_batch']})", "",
-              "Layer-1 gradient norm and spread (max/min over layers) at each probe step.", ""]
+              "Layer-1 gradient norm / product of the layers' operator norms (Lipschitz bound of D) at each probe step.", ""]
     steps = [t["step"] for t in b[names[0]]["trace"]]
     lines.append("| variant | " + " | ".join(f"step {t}" for t in steps) + " |")
     lines.append("|---|" + "---|" * len(steps))
     for k in names:
-        cells = [f"{t['grad_norm'][0]:.1e} / {t['spread']:.3g}" for t in b[k]["trace"]]
+        cells = [f"{t['grad_norm'][0]:.1e} / {t['lipschitz_bound']:.3g}" for t in b[k]["trace"]]
         extra = f" (diverged at {b[k]['diverged_at']})" if b[k]["diverged_at"] else ""
         lines.append(f"| {k}{extra} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -159,13 +162,13 @@ def plot(result, path):
         axes[0].plot(range(1, len(g) + 1), g, color=color, marker=marker, label=k)
         steps = [t["step"] for t in b[k]["trace"]]
         axes[1].plot(steps, [t["grad_norm"][0] for t in b[k]["trace"]], color=color, marker=marker, label=k)
-        axes[2].plot(steps, [t["spread"] for t in b[k]["trace"]], color=color, marker=marker, label=k)
+        axes[2].plot(steps, [t["lipschitz_bound"] for t in b[k]["trace"]], color=color, marker=marker, label=k)
     axes[0].set(yscale="log", xlabel="layer (1-7 conv, 8 linear)", ylabel="||dD/dW|| (raw weight)",
                 title="A. at init, SNGAN D width 64, 32x32x3")
     axes[1].set(yscale="log", xlabel="training step", ylabel="||dD/dW_1|| (layer 1)",
                 title=f"B. layer 1 during training (width {s['train_width']})")
-    axes[2].set(yscale="log", xlabel="training step", ylabel="max/min over layers of ||dD/dW||",
-                title="B. spread across layers during training")
+    axes[2].set(yscale="log", xlabel="training step", ylabel="product of the layers' operator norms",
+                title="B. Lipschitz bound of D during training")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
     axes[2].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), title=f"c = {s['c']}")
@@ -191,7 +194,19 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--machine", default=platform.node() or "unknown machine")
     p.add_argument("--out", default=os.path.join(HERE, "results", "probe"))
+    p.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the .json")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.out + ".json") as f:
+            result = json.load(f)
+        for part in ("init", "train"):
+            for v in result[part].values():
+                for t in v.get("trace", [v]):
+                    t["lipschitz_bound"] = math.prod(t["eff_sigma_strict"][:-1]) * t["eff_sigma_mat0"][-1]
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(result))
+        plot(result, args.out + ".png")
+        return
     torch.set_num_threads(args.threads)
     images, _ = datasets.load_digits(32, 3)
     start = time.time()
