@@ -147,7 +147,9 @@ class ConvSpectralNorm(nn.Module):
             u = _normalize(self.op.apply(v, weight), eps)
             self.register_buffer("_v", v)
             self.register_buffer("_u", u)
-            self.register_buffer("_sigma", torch.full((), float("nan"), dtype=weight.dtype), persistent=False)
+            self.register_buffer(
+                "_sigma", torch.full((), float("nan"), dtype=weight.dtype, device=weight.device), persistent=False
+            )
             self._power_iterate(weight.detach(), _WARM_UP_ITERATIONS)
 
     # -- power iteration --------------------------------------------------------------------------
