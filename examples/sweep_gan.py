@@ -40,7 +40,7 @@ def outcome(run):
 
 def summarize(runs, lrs):
     lines = []
-    lines.append("| norm | lr | runs | diverged | collapsed | FD (median) | FD per seed | coverage per seed |")
+    lines.append("| norm | lr | runs | diverged | collapsed | FD (mean) | FD per seed | coverage per seed |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for norm, scale in NORMS:
         for lr in lrs:
@@ -48,11 +48,11 @@ def summarize(runs, lrs):
             if not rs:
                 continue
             fds = [r["final"].get("fd", float("nan")) for r in rs]
-            ok = sorted(f for f in fds if f == f)
-            med = ok[len(ok) // 2] if ok else float("nan")
+            ok = [f for f in fds if f == f]
+            mean = sum(ok) / len(ok) if ok else float("nan")
             lines.append(
                 f"| {label(norm, scale)} | {lr:g} | {len(rs)} | {sum(outcome(r) == 'diverged' for r in rs)} | "
-                f"{sum(outcome(r) == 'collapsed' for r in rs)} | {med:.0f} | "
+                f"{sum(outcome(r) == 'collapsed' for r in rs)} | {mean:.0f} | "
                 + ", ".join(f"{f:.0f}" for f in fds) + " | "
                 + ", ".join(f"{r['final'].get('coverage', 0):.1f}" for r in rs) + " |"
             )
@@ -103,7 +103,7 @@ def plot_samples(samples, lrs, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(lrs), len(NORMS), figsize=(2.2 * len(NORMS), 2.4 * len(lrs)), squeeze=False)
+    fig, axes = plt.subplots(len(lrs), len(NORMS), figsize=(2.2 * len(NORMS), 2.8 * len(lrs)), squeeze=False)
     for j, lr in enumerate(lrs):
         for i, (norm, scale) in enumerate(NORMS):
             ax = axes[j][i]
@@ -112,12 +112,12 @@ def plot_samples(samples, lrs, path, title):
             ax.set_title(f"{label(norm, scale)}, lr {lr:g}", fontsize=8)
             if x is None:
                 continue
-            x = torch.tensor(x)
+            x = torch.tensor(x, dtype=torch.float32) / 255
             grid = x.view(4, 4, x.shape[-2], x.shape[-1]).permute(0, 2, 1, 3).reshape(4 * x.shape[-2], 4 * x.shape[-1])
             ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.savefig(path, dpi=70, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -161,7 +161,8 @@ def main(argv=None):
                 state["runs"].append(run)
                 if seed == args.seeds[0] and res["diverged_at"] is None:
                     x = train_gan.sample(G, 16, targs.z_dim, 16, torch.Generator().manual_seed(7))
-                    state["samples"][f"{norm}|{lr}"] = (x.clamp(-1, 1) * 0.5 + 0.5).squeeze(1).tolist()
+                    # 8-bit grey levels keep the JSON small.
+                    state["samples"][f"{norm}|{lr}"] = ((x.clamp(-1, 1) * 0.5 + 0.5) * 255).round().to(torch.uint8).squeeze(1).tolist()
                 print(f"{label(norm, scale):12s} lr {lr:g} seed {seed}: {outcome(run)}, FD {run['final'].get('fd', float('nan')):.1f}, "
                       f"coverage {run['final'].get('coverage', 0):.1f} ({res['time_s']:.0f} s)", flush=True)
                 with open(path, "w") as f:
