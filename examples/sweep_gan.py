@@ -171,7 +171,8 @@ def main(argv=None):
     table = summarize(runs, args.lrs)
     with open(args.out + ".md", "w") as f:
         f.write(f"# GAN sweep ({args.machine})\n\nSettings: {json.dumps({k: v for k, v in settings.items() if k != 'machine'})}\n\n"
-                f"Outcome: diverged = non-finite loss; collapsed = coverage <= {COLLAPSE_COVERAGE} (at most 3 of 10 classes).\n\n"
+                f"Outcome: diverged = non-finite loss; collapsed = coverage <= {COLLAPSE_COVERAGE} (at most 3 of 10 classes; "
+                f"in short runs this also counts runs that have not learned yet).\n\n"
                 + table + "\n")
     plot(runs, args.lrs, settings, args.out + ".png")
     plot_samples(state["samples"], args.lrs, args.out + "_samples.png",

@@ -1,8 +1,8 @@
 """A small SNGAN-style GAN with a choice of discriminator normalization.
 
     python examples/train_gan.py --norm bsn                 # offline: sklearn digits, 16x16, CPU minutes
-    python examples/train_gan.py --norm bssn --scale 1.4 --steps 3000
-    python examples/train_gan.py --dataset cifar10 --data-root ~/data/cifar-10-batches-py --size 32 --width 64
+    python examples/train_gan.py --norm bssn --scale 1.4 --lr 2e-4 --steps 3000
+    python examples/train_gan.py --dataset cifar10 --data-root ~/data/cifar-10-batches-py --size 32 --width 64 --batch-size 64 --lr 2e-4
     python examples/train_gan.py --dataset folder --data-root ~/images --size 32
 
 Hinge loss, Adam, the SNGAN CNN discriminator and generator of
@@ -40,12 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--norm", default="sn", choices=NORMS, help="discriminator normalization")
     p.add_argument("--scale", type=float, default=None, help="the constant c of SSN/BSSN (default 1, 1.4 for ssn/bssn)")
     p.add_argument("--init", default="lecun", choices=["lecun", "kaiming"], help="discriminator init")
-    p.add_argument("--width", type=int, default=16, help="base channel width (SNGAN: 64)")
+    # Defaults sized for a CPU demo on the digits (about 2 minutes on one core).
+    p.add_argument("--width", type=int, default=8, help="base channel width (SNGAN: 64)")
     p.add_argument("--z-dim", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1500, help="generator steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=800, help="generator steps")
     p.add_argument("--n-dis", type=int, default=1, help="discriminator steps per generator step")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=2e-3, help="SNGAN on CIFAR-10: 2e-4")
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--beta2", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
