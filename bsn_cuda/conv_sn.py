@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .nn import _make_picklable
+
 __all__ = ["ConvOperator", "ConvSpectralNorm", "conv_spectral_norm", "conv_operator_norm", "get_conv_sigma"]
 
 _WARM_UP_ITERATIONS = 15  # as torch's spectral_norm at registration
@@ -265,6 +267,7 @@ def conv_spectral_norm(module, input_shape, n_power_iterations=1, eps=1e-12, sca
     parametrize.register_parametrization(
         module, "weight", ConvSpectralNorm(module, input_shape, n_power_iterations, eps, scale)
     )
+    _make_picklable(module)  # torch.save(model) works, as for bsn_cuda.spectral_norm
     return module
 
 

@@ -195,6 +195,7 @@ def main(argv=None):
     p.add_argument("--machine", default=platform.node() or "unknown machine")
     p.add_argument("--out", default=os.path.join(HERE, "results", "probe"))
     p.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the .json")
+    p.add_argument("--init-from", default=None, help="reuse part A from this probe .json (part B only)")
     args = p.parse_args(argv)
     if args.replot:
         with open(args.out + ".json") as f:
@@ -212,7 +213,12 @@ def main(argv=None):
     start = time.time()
     result = {"settings": {**vars(args), "torch": torch.__version__}}
     result["settings"].pop("out")
-    result["init"] = part_a(args, images)
+    if args.init_from:
+        with open(args.init_from) as f:
+            result["init"] = json.load(f)["init"]
+        result["settings"]["init_from"] = os.path.basename(args.init_from)
+    else:
+        result["init"] = part_a(args, images)
     result["train"] = part_b(args, images)
     result["settings"]["time_s"] = round(time.time() - start)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

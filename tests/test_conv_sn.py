@@ -218,6 +218,17 @@ def test_state_dict_round_trip():
         c.load_state_dict(sd)  # vectors for another input size
 
 
+def test_whole_module_pickles(tmp_path):
+    torch.manual_seed(9)
+    model = nn.Sequential(bsn_cuda.conv_spectral_norm(nn.Conv2d(2, 3, 3, padding=1), (2, 5, 5)), nn.ReLU())
+    model.eval()
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randn(1, 2, 5, 5)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert parametrize.is_parametrized(loaded[0], "weight")
+
+
 def test_zero_and_nonfinite_weights():
     module = bsn_cuda.conv_spectral_norm(nn.Conv2d(2, 2, 3, padding=1), (2, 4, 4), scale=2.0)
     p = module.parametrizations.weight[0]
