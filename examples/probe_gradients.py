@@ -172,7 +172,8 @@ def plot(result, path):
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
     axes[2].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), title=f"c = {s['c']}")
-    fig.suptitle(f"Gradient probe, {s['machine']}; batch {s['batch']}, lr {s['lr']}, {s['steps']} steps, digits 32x32x3",
+    fig.suptitle(f"Gradient probe, {s['machine']}; probe batch {s['batch']}; B: GAN on digits 32x32x3, "
+                 f"lr {s['lr']}, batch {s['train_batch']}, {s['steps']} steps",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
