@@ -224,7 +224,7 @@ def main(argv=None):
     result["settings"]["time_s"] = round(time.time() - start)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(result, f, separators=(",", ":"))
     with open(args.out + ".md", "w") as f:
         f.write(markdown(result))
     plot(result, args.out + ".png")
