@@ -15,8 +15,9 @@ False when the compiled ops could not be loaded (everything then runs the
 reference, with a RuntimeWarning at import).
 """
 
-from . import _ops, ema, functional, reference
+from . import _ops, diagnostics, ema, functional, reference
 from ._ops import HAS_EXTENSION
+from .conv_sn import conv_spectral_norm
 from .nn import (
     apply_spectral_norm,
     bidirectional_spectral_norm,
@@ -36,6 +37,8 @@ __all__ = [
     "convert_spectral_norm",
     "apply_spectral_norm",
     "get_sigma",
+    "conv_spectral_norm",
+    "diagnostics",
     "spectral_norm_checkpoint_context",
     "ema",
     "functional",
