@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .nn import _make_picklable
+from .nn.pickling import make_picklable as _make_picklable
 
 __all__ = ["ConvOperator", "ConvSpectralNorm", "conv_spectral_norm", "conv_operator_norm", "get_conv_sigma"]
 
