@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook
 
-from .. import _checks, _ops, onnx_export
+from .. import _checks, _context, _ops, onnx_export
+from . import eval_cache
 
 __all__ = ["FusedLegacySpectralNorm", "spectral_norm", "remove_spectral_norm", "fuse_legacy_hook"]
 
@@ -36,8 +37,17 @@ _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update):
     """``(W / sigma, state)`` with torch's legacy (v-first) power iteration on ``u``, ``v`` in place.
 
-    ``state`` is the op's state for ``W_mat^T``: ``[sigma, v, u]``.
+    ``state`` is the op's state for ``W_mat^T`` (``[sigma, v, u]``) when
+    ``update``, else for ``W_mat`` along ``dim`` (``[sigma, u, v]``).
     """
+    if not update:
+        # No iteration: sigma = u^T W_mat v is the same in either orientation,
+        # and the op along `dim` reads W row by row in one pass. (A 1-D weight
+        # is the matrix [n, 1], as in torch.)
+        if weight.ndim == 1:
+            out, state = _ops.sn_forward(weight.reshape(-1, 1), u, v, 0, n_power_iterations, eps, 1.0, False)
+            return out.view(weight.shape), state
+        return _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, 1.0, False)
     rows = weight.shape[dim]
     if dim == 0:
         w_mat = weight.reshape(rows, -1)
@@ -49,7 +59,13 @@ def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update):
 
 
 class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
-    """torch's legacy SN hook with the weight computed by the fused op."""
+    """torch's legacy SN hook with the weight computed by the fused op.
+
+    In eval mode with no autograd graph recorded, an unchanged weight is not
+    recomputed (bsn_cuda.nn.eval_cache), as in the parametrization.
+    """
+
+    _cache = None
 
     def compute_weight(self, module, do_power_iteration):
         weight = getattr(module, self.name + "_orig")
@@ -60,7 +76,22 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
             return onnx_export.sn_eval_graph(weight, u, v, self.dim)
         if weight.dtype not in _checks.REAL_DTYPES:  # complex: torch's own computation
             return super().compute_weight(module, do_power_iteration)
-        return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, do_power_iteration)[0]
+        if (do_power_iteration or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference()
+                or not _context.is_plain_eager()):
+            if self._cache is not None:
+                self._cache = None
+            return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, do_power_iteration)[0]
+        out = eval_cache.lookup(self._cache, weight, (u, v))
+        if out is None:
+            out, self._cache = eval_cache.store(
+                lambda: legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, False)[0],
+                weight, (u, v))
+        return out
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_cache", None)  # never pickle or deep-copy the cached output
+        return state
 
 
 def fuse_legacy_hook(hook):

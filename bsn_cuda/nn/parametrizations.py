@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _complex, _context, _ops, onnx_export, reference
+from . import eval_cache
 from .._checks import check_dim, check_hyperparameters, check_n_power_iterations, check_weight
 from ..functional import uses_single_matricization
 
@@ -59,44 +60,26 @@ class _NormParametrization(nn.Module):
             onnx_export.check_eval(self.training, type(self).__name__)
             return onnx_export.eval_graph(self, weight)
         if self.training:
-            self._cache = None
+            if self._cache is not None:  # (a plain assignment costs a Module.__setattr__ per call)
+                self._cache = None
             if _context.in_backward_pass():  # a checkpoint recomputation: no second update
                 return self._run(weight, self.n_power_iterations, False, None)[0]
             return self._run(weight, self.n_power_iterations, True, self._buffers[self._LOG])[0]
         if torch.is_grad_enabled() and weight.requires_grad:  # autograd records: no cache
-            self._cache = None
+            if self._cache is not None:
+                self._cache = None
             return self._run(weight, self.n_power_iterations, False, self._buffers[self._LOG])[0]
         return self._eval_no_graph(weight)
-
-    def _cache_key(self, weight, out):
-        # Identities and version counters of everything the output depends on
-        # (the cache holds references to them, so the ids cannot be reused).
-        b = self._buffers
-        key = [id(weight), weight._version, out._version]
-        for name in self._vector_names:
-            t = b[name]
-            key.append(id(t))
-            key.append(t._version)
-        return key
 
     def _eval_no_graph(self, weight):
         log = self._buffers[self._LOG]
         if not _context.is_plain_eager() or weight.is_inference():  # (the cache is eager-only)
             return self._run(weight, self.n_power_iterations, False, log)[0]
-        cache = self._cache
-        if cache is not None and cache[1] is weight:
-            out = cache[2]
-            if cache[0] == self._cache_key(weight, out):
-                return out
-        if torch.is_inference_mode_enabled():
-            # A normal tensor even under inference_mode, so that its version
-            # counter catches in-place changes to it.
-            with torch.inference_mode(False), torch.no_grad():
-                out = self._run(weight, self.n_power_iterations, False, log)[0]
-        else:
-            out = self._run(weight, self.n_power_iterations, False, log)[0]
-        refs = tuple(self._buffers[name] for name in self._vector_names)
-        self._cache = (self._cache_key(weight, out), weight, out, refs)
+        vectors = [self._buffers[name] for name in self._vector_names]
+        out = eval_cache.lookup(self._cache, weight, vectors)
+        if out is None:
+            out, self._cache = eval_cache.store(
+                lambda: self._run(weight, self.n_power_iterations, False, log)[0], weight, vectors)
         return out
 
     def train(self, mode=True):
