@@ -24,7 +24,8 @@
 # --dry-run runs the same logic on a machine without a GPU: nvidia-smi and
 # compute-sanitizer are stubs (the stub runs the program it is given, and with
 # GPU_CHECK_FAKE_REPORT=TOOL prints a made-up report for that tool and fails),
-# sanitize_ops.py and the benchmark run on the CPU, and the CUDA tests skip.
+# sanitize_ops.py and the benchmark run on the CPU, and the CUDA tests skip;
+# GPU_CHECK_FAKE_FAILURE=1 adds a failing test, to see how a failure is reported.
 #
 # Environment: PYTHON (default python3), BSN_CHECK_BUDGET (seconds, default 470),
 # MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default 9.0).
@@ -182,8 +183,13 @@ PY
 # -v: a killed run still names every test that had failed by then.
 PYTEST_ARGS=(-v -p no:cacheprovider -rfE --tb=short --durations=10 --maxfail=25 --junitxml="$WORK/junit.xml")
 if "$PYTHON" -c 'import pytest_timeout' >/dev/null 2>&1; then PYTEST_ARGS+=(--timeout=60); fi
+PYTEST_FILES=(tests/test_cuda.py tests)
+if [ "$DRY" -eq 1 ] && [ -n "${GPU_CHECK_FAKE_FAILURE:-}" ]; then
+  printf 'def test_fake_cuda_failure():\n    x = 1\n    assert x == 2, "made up by gpu_check.sh --dry-run"\n' >"$WORK/test_fake_cuda.py"
+  PYTEST_FILES+=("$WORK/test_fake_cuda.py")
+fi
 run_step pytest "${CAP[pytest]}" "$OUTDIR/pytest.log" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" \
-  tests/test_cuda.py tests -k cuda --ignore=tests/test_cuda_plans.py
+  "${PYTEST_FILES[@]}" -k cuda --ignore=tests/test_cuda_plans.py
 PYTEST_RC=$?
 
 # 3. compute-sanitizer. PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor its own
@@ -217,7 +223,7 @@ sanitize memcheck "${CAP[memcheck]}" --tool memcheck --print-limit 20 -- "${SAN_
 
 # 4. The benchmark's goal table (SNGAN CNN layers, end-to-end step).
 BENCH=(-m bsn_cuda.benchmark --device "$DEV" --quick --no-progress --json "$OUTDIR/bench.json" --markdown "$OUTDIR/bench.md")
-if [ "$DRY" -eq 1 ]; then BENCH+=(--mode train --impls torch_sn,fused_sn,fused_bsn --e2e-reps 1 --e2e-batch 2); fi
+if [ "$DRY" -eq 1 ]; then BENCH+=(--suite sngan_cnn --mode train --impls torch_sn,fused_sn); fi
 run_step bench "${CAP[bench]}" "$OUTDIR/bench.log" "$PYTHON" "${BENCH[@]}"
 
 # 5. The other sanitizers.
@@ -247,6 +253,25 @@ rest_step() {  # rest_step NAME CMD...
     *) record "$name" FAIL "$dt" "exit $rc (see rest.log)" ;;
   esac
 }
+# Registers, spills and shared memory per kernel, and the instruction mix
+# (FFMA/FMUL/FADD, vector loads) of the machine code that ran.
+sass_report() {
+  local so
+  so=$(ls bsn_cuda/_C*.so | head -n 1)
+  local demangle=cat
+  if command -v c++filt >/dev/null 2>&1; then demangle=c++filt; fi
+  cuobjdump -res-usage "$so" | grep -A1 'Function' |
+    grep -o 'Function [^:]*\|REG:[0-9]*\|STACK:[0-9]*\|SHARED:[0-9]*\|LOCAL:[0-9]*' |
+    paste -d' ' - - - - - | "$demangle" | sed 's/bsn::cuda:://g; s/(anonymous namespace):://g' | sort -u
+  cuobjdump -sass "$so" | sass_opcodes | grep -E '^(FFMA|FMUL|FADD|DFMA|DMUL|DADD|LDG|STG|LDS|STS|LD|ST)(\.|$)' |
+    sort | uniq -c | sort -rn | head -n 30
+}
+sass_opcodes() {  # opcode (with its suffixes) of every SASS instruction, predicates dropped
+  sed -nE 's#^ +/\*[0-9a-f]{4}\*/ +(@!?U?P[0-9T] +)?([A-Z][A-Z0-9]*(\.[A-Z0-9_]+)*).*#\2#p'
+}
+export -f sass_opcodes
+export -f sass_report
+if command -v cuobjdump >/dev/null 2>&1; then rest_step sass bash -c sass_report; fi
 if [ -n "$SANITIZER" ] && [ "$SAN_OK" -eq 1 ]; then
   rest_step memcheck+ env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --print-limit 20 \
     --error-exitcode 1 "$PYTHON" tools/gpu/sanitize_ops.py --device "$DEV"
@@ -286,10 +311,11 @@ PY
   done
   echo
   echo "-- goal table (bench.log, bench.md):"
-  if [ -s "$WORK/bench.out" ]; then
-    awk '/[Gg]oals?/ {p = 1} p && NF == 0 {n++; if (n > 1) exit} p' "$WORK/bench.out" | head -n 40 | sed 's/^/  /'
+  goals=$([ -s "$WORK/bench.out" ] && awk '/^== goals/ {p = 1} p && NF == 0 {exit} p' "$WORK/bench.out" | head -n 40)
+  if [ -n "$goals" ]; then
+    echo "$goals" | sed 's/^/  /'
   else
-    echo "  (the benchmark did not run)"
+    echo "  (none: the benchmark did not finish; bench.log has what it measured)"
   fi
   echo
   echo "model vs measurement: tools/gpu/model_predictions.md"
