@@ -136,7 +136,7 @@ BSN = [(1, 1, 3), (4, 3, 3, 3), (6, 5, 2), (3, 7, 3, 3), (5, 4, 1, 1), (2, 3, 4,
 
 if __name__ == "__main__":
     # --quick: float32, 12 shapes; --dtypes float64,bfloat16; --every K: every K-th shape
-    # (a representative subset when the machine is busy); -v: a line per case.
+    # (a representative subset when the machine is busy); --bsn-only; -v: a line per case.
     quick = "--quick" in sys.argv
     verbose = "-v" in sys.argv
     opt = lambda name, default: sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
@@ -144,6 +144,8 @@ if __name__ == "__main__":
     dts = [names[d] for d in opt("--dtypes", "float32" if quick else "float32,float64,float16,bfloat16").split(",")]
     every = int(opt("--every", "1"))
     SN, BSN = SN[::every], BSN[::every]
+    if "--bsn-only" in sys.argv:
+        SN = []
     t0 = time.time()
     count = 0
     for dt in dts:
