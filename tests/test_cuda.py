@@ -22,6 +22,7 @@ test_ops.py.
 import contextlib
 import copy
 import os
+import zlib
 
 import pytest
 import torch
@@ -133,7 +134,9 @@ def ref_backward(kind, grad, weight, state, dim=0, scale=1.0):
 
 
 def seed_of(*key):
-    return hash(key) % 2**31
+    # crc32 of the case's repr: the same seed in every process (hash() of
+    # strings is salted per process), so a failure reproduces.
+    return zlib.crc32(repr(key).encode())
 
 
 # ---------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def test_cuda_matches_reference_and_cpu(kind, shape, dim, dtype):
 # ---------------------------------------------------------------------------
 # Launch modes: bitwise identical
 
-# Each case takes a different path through the kernels (see kernels.cu).
+# Each case takes a different path through the kernels (see csrc/cuda/forward.cu).
 MODE_CASES = [
     ("sn", (64, 27), 0),  # a warp per row, registers
     ("sn", (33, 65), 1),  # strided pair, sr = 1, warp mode
@@ -240,6 +243,61 @@ def test_launch_modes_are_bitwise_identical(dtype):
             out, state, vecs = op_forward(kind, weight, vectors, dim or 0, n, 1.5, update)
             assert_equal(out, results[0][0], f"{kind} {list(shape)} auto out")
             assert_equal(state, results[0][1], f"{kind} {list(shape)} auto state")
+
+
+@contextlib.contextmanager
+def refused_cooperative_launches():
+    """Make the driver refuse every cooperative launch (launch.cu asks for one
+    block more than can be co-resident), as under MPS."""
+    old = os.environ.get("BSN_CUDA_TEST_COOP_OVERSUBSCRIBE")
+    os.environ["BSN_CUDA_TEST_COOP_OVERSUBSCRIBE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("BSN_CUDA_TEST_COOP_OVERSUBSCRIBE", None)
+        else:
+            os.environ["BSN_CUDA_TEST_COOP_OVERSUBSCRIBE"] = old
+
+
+def cuda_kernel_names(fn):
+    """Names of the CUDA kernels fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("kind,shape,dim", [("sn", (300, 1000), 0), ("bsn", (64, 32, 3, 3), None), ("sn", (7, 5, 3, 3), 1)])
+def test_refused_cooperative_launch_falls_back_to_multi(kind, shape, dim):
+    # A cooperative launch the driver refuses runs as one kernel per phase,
+    # with the same bits, and leaves no error behind for the next launch.
+    gen = torch.Generator().manual_seed(seed_of("fallback", kind, shape, dim))
+    weight = torch.randn(shape, dtype=torch.float64, generator=gen).to(DEV, torch.float32)
+    vectors = make_vectors(shape, dims_of(kind, shape, dim or 0), torch.float32, DEV, gen)
+    grad = torch.randn(shape, dtype=torch.float64, generator=gen).to(DEV, torch.float32)
+
+    def run():
+        out, state, vecs = op_forward(kind, weight, vectors, dim or 0, 2, 1.5, True)
+        return out, state, op_backward(kind, grad, weight, state, dim or 0, 1.5), *vecs
+
+    with cuda_mode("multi"):
+        expected = run()
+    with cuda_mode("coop"), refused_cooperative_launches():
+        got = run()
+        names = cuda_kernel_names(run)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_equal(a, b, f"{kind} {list(shape)}: refused coop vs multi, item {i}")
+    assert any("phase_a_kernel" in n for n in names) and any("bw_dot_kernel" in n for n in names), names
+    assert not any("fused_" in n for n in names), names
+    torch.cuda.synchronize()
+    # The next (cooperative) call works: the refused launch's error was cleared.
+    with cuda_mode("coop"):
+        again = run()
+    for i, (a, b) in enumerate(zip(again, expected)):
+        assert_equal(a, b, f"{kind} {list(shape)}: coop after a refused launch, item {i}")
 
 
 def test_bad_mode_raises():

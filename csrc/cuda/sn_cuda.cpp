@@ -4,8 +4,9 @@
 // captured in a CUDA graph), and launches on the current stream. No host
 // synchronization anywhere.
 //
-// BSN_CUDA_MODE=auto|single|coop|multi forces a launch mode (see kernels.cu);
-// all modes give bitwise identical results.
+// BSN_CUDA_MODE=auto|single|coop|multi forces a launch mode (see launch.cu);
+// all modes give bitwise identical results. BSN_CUDA_TEST_COOP_OVERSUBSCRIBE=1
+// (tests only) makes every cooperative launch fail, to test the fallback.
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -17,7 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda/kernels.cuh"
+#include "cuda/launch.h"
 #include "host.h"
 
 namespace bsn {
@@ -47,6 +48,10 @@ DeviceInfo device_info(Mode mode) {
   d.sm_count = prop->multiProcessorCount;
   d.smem_optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   d.cooperative = prop->cooperativeLaunch != 0;
+  // Test only: make the driver refuse every cooperative launch (launch.cu falls
+  // back to the multi-kernel mode), as it would under MPS.
+  const char* over = std::getenv("BSN_CUDA_TEST_COOP_OVERSUBSCRIBE");
+  d.coop_oversubscribe = over != nullptr && std::strcmp(over, "1") == 0;
   if (mode == Mode::Auto && d.cooperative &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
     d.cooperative = false;

@@ -1,6 +1,7 @@
-// CPU emulation of the few CUDA features kernels.cu uses: one OS thread per
+// CPU emulation of the few CUDA features csrc/cuda uses: one OS thread per
 // CUDA thread, std::barrier for __syncthreads / __syncwarp / grid sync,
-// shuffles through a per-warp exchange buffer. Test-only (not in the repo).
+// shuffles through a per-warp exchange buffer, the rounding intrinsics through
+// std::fma and plain IEEE operations. Test-only.
 #pragma once
 #include <barrier>
 #include <cmath>
@@ -32,6 +33,17 @@
 using std::isfinite;
 using std::sqrt;
 
+// Explicitly rounded arithmetic (the host compiles without -ffp-contract=fast
+// under -std=c++20, so a * b and a + b round once each, like __fmul_rn etc.).
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+
 namespace emu {
 struct Dim {
   unsigned x = 0, y = 0, z = 0;
@@ -48,6 +60,7 @@ struct Ctx {
 };
 inline thread_local Ctx ctx;
 inline int occupancy_per_sm = 2;
+inline long coop_max_blocks = -1;  // cooperative launches above this are refused (-1: no limit)
 inline long launches = 0;
 
 inline void launch(int grid, int nthreads, size_t smem, bool cooperative,
@@ -88,9 +101,9 @@ struct grid_group {
 inline grid_group this_grid() { return {}; }
 }  // namespace cooperative_groups
 
-#define C10_CUDA_CHECK(x) \
-  do {                    \
-    (void)(x);            \
+#define C10_CUDA_CHECK(x)                                                     \
+  do {                                                                        \
+    if ((x) != cudaSuccess) throw std::runtime_error("emu: CUDA error: " #x); \
   } while (0)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() \
   do {                                 \
@@ -145,5 +158,20 @@ inline void launch(int grid, int nthreads, size_t smem, bool cooperative,
   } else {
     for (int b = 0; b < grid; ++b) run_blocks(b, 1, grid, nthreads, smem, nullptr, body);
   }
+}
+}  // namespace emu
+
+namespace emu {
+// cudaLaunchKernel / cudaLaunchCooperativeKernel of launch.cu: the kernel's
+// address is the host function the kernel became, taking its one argument.
+template <class Args>
+cudaError_t launch_kernel(const void* kernel, unsigned grid, int nthreads, size_t smem,
+                          bool cooperative, const Args& A) {
+  if (cooperative && coop_max_blocks >= 0 && static_cast<long>(grid) > coop_max_blocks) {
+    return cudaErrorCooperativeLaunchTooLarge;
+  }
+  auto fn = reinterpret_cast<void (*)(Args)>(const_cast<void*>(kernel));
+  launch(static_cast<int>(grid), nthreads, smem, cooperative, [&] { fn(A); });
+  return cudaSuccess;
 }
 }  // namespace emu

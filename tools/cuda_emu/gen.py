@@ -1,43 +1,23 @@
-"""Turn csrc/cuda/kernels.cu into host C++ running on the emulator (test only)."""
-import re, sys
-src = open(sys.argv[1]).read()
-out = src
-out = out.replace('#include <cooperative_groups.h>', '#include "emu.h"')
-out = out.replace('#include <cuda_runtime.h>\n', '')
-out = out.replace('#include <c10/cuda/CUDAException.h>\n', '')
-out = out.replace('extern __shared__ __align__(16) unsigned char bsn_smem_raw[];',
-                  'unsigned char* bsn_smem_raw = emu::ctx.smem;')
-assert 'emu::ctx.smem' in out
+"""Turn one file of csrc/cuda (.cu / .cuh) into host C++ for the emulator (test only).
 
-def split_top(s):
-    parts, depth, cur = [], 0, ''
-    for ch in s:
-        if ch in '([<' and not (ch == '<' and False):
-            if ch in '([':
-                depth += 1
-        if ch in ')]':
-            depth -= 1
-        if ch == ',' and depth == 0:
-            parts.append(cur.strip()); cur = ''
-        else:
-            cur += ch
-    parts.append(cur.strip())
-    return parts
+    python gen.py SRC OUT
 
-# kernel<<<g, b, s, stream>>>(args);  ->  emu::launch(g, b, s, false, [&] { kernel(args); });
-pat = re.compile(r'([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);', re.S)
-def repl(m):
-    g, b, s, st = split_top(m.group(2))
-    return f'emu::launch(static_cast<int>({g}), {b}, static_cast<size_t>({s}), false, [&] {{ {m.group(1)}({m.group(3)}); }});'
-out, n = pat.subn(repl, out)
-assert n >= 10, n
-# cooperative launches
-fwd_pat = re.compile(r'C10_CUDA_CHECK\(cudaLaunchCooperativeKernel\(kern,.*?stream\)\);', re.S)
-parts = out.split('void launch_backward(')
-parts[0], n1 = fwd_pat.subn('emu::launch(static_cast<int>(grid), kThreads, static_cast<size_t>(smem_a), true, [&] { fused_forward_kernel<scalar_t, GridSync>(A); });', parts[0])
-parts[1], n2 = fwd_pat.subn('emu::launch(static_cast<int>(grid), kThreads, static_cast<size_t>(smem), true, [&] { fused_backward_kernel<scalar_t, GridSync>(A); });', parts[1])
-assert n1 == 1 and n2 == 1, (n1, n2)
-out = 'void launch_backward('.join(parts)
-out += '\n#include "harness.inc"\n'
-open(sys.argv[2], 'w').write(out)
-print('generated', n, 'launches')
+Kernels stay functions (emu.h defines __global__ etc. away); launch.cu's
+launch_kernel calls emu::launch_kernel under BSN_CUDA_EMU; the dynamic shared
+memory becomes the emulated block's buffer.
+"""
+import sys
+
+src_path, out_path = sys.argv[1], sys.argv[2]
+out = open(src_path).read()
+for inc in ("#include <cooperative_groups.h>\n", "#include <cuda_runtime.h>\n",
+            "#include <c10/cuda/CUDAException.h>\n"):
+    out = out.replace(inc, "")
+smem = "extern __shared__ __align__(16) unsigned char bsn_smem_raw[];"
+if smem in out:
+    out = out.replace(smem, "unsigned char* bsn_smem_raw = emu::ctx.smem;")
+assert "__shared__" not in out, "static shared memory: extend gen.py"
+assert "<<<" not in out, "kernel launches go through launch_kernel (launch.cu)"
+header = "#pragma once\n" if out_path.endswith(".cuh") else ""
+out = header + f"// generated from {src_path} by tools/cuda_emu/gen.py\n#define BSN_CUDA_EMU 1\n#include \"emu.h\"\n" + out.replace("#pragma once\n", "")
+open(out_path, "w").write(out)

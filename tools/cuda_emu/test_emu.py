@@ -1,5 +1,10 @@
-"""Run csrc/cuda/kernels.cu on the CPU emulator and compare with bsn_cuda.reference."""
-import ctypes, itertools, os, sys, time
+"""Run csrc/cuda on the CPU emulator and compare with bsn_cuda.reference.
+
+Every case runs in every launch mode (Single, Coop with 2 and 5 SMs, Multi
+with 48 KiB of shared memory, and Coop refused by the driver, which must fall
+back to Multi); all must give the same bits. Seeds: crc32 of the case.
+"""
+import ctypes, os, sys, time, zlib
 import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
@@ -8,9 +13,10 @@ from bsn_cuda import reference
 LIB = ctypes.CDLL(os.environ.get("EMU_LIB", os.path.join(HERE, "build", "libemu.so")))
 I64P = ctypes.POINTER(ctypes.c_int64)
 LIB.emu_forward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_int]
+LIB.emu_set_coop_oversubscribe.argtypes = [ctypes.c_int]
 LIB.emu_backward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int]
 DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-MODES = {"auto": 0, "single": 1, "coop": 2, "multi": 3}
+MODES = {"auto": 0, "single": 1, "coop": 2, "multi": 3, "coop-refused": 2}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 ACC = lambda dt: torch.float64 if dt == torch.float64 else torch.float32
 
@@ -20,6 +26,7 @@ def ptr(t):
 
 
 def emu_fwd(w, vecs, bsn, dim, n_iter, eps, scale, update, mode="auto", sm=2, optin=232448, occ=2):
+    LIB.emu_set_coop_oversubscribe(int(mode == "coop-refused"))
     w = w.contiguous()
     vecs = [v.clone() for v in vecs]
     out = torch.empty_like(w)
@@ -37,6 +44,7 @@ def emu_fwd(w, vecs, bsn, dim, n_iter, eps, scale, update, mode="auto", sm=2, op
 
 
 def emu_bwd(g, w, state, bsn, dim, scale, mode="auto", sm=2, occ=2):
+    LIB.emu_set_coop_oversubscribe(int(mode == "coop-refused"))
     gw = torch.full_like(w, float("nan"))
     shape = (ctypes.c_int64 * w.dim())(*w.shape)
     rc = LIB.emu_backward(DT[w.dtype], ptr(g.contiguous()), ptr(w.contiguous()), ptr(state), ptr(gw), shape, w.dim(), int(bsn), dim % w.dim(), scale, MODES[mode], sm, occ)
@@ -78,8 +86,8 @@ def ref_fwd(w, vecs, bsn, dim, n_iter, eps, scale, update):
     return out, state, vecs
 
 
-def check_case(shape, bsn, dim, dt, n_iter, update, scale=1.3, modes=(("single", 2, 232448), ("coop", 2, 232448), ("multi", 2, 232448), ("coop", 5, 232448), ("multi", 1, 49152)), weight=None):
-    gen = torch.Generator().manual_seed(hash((shape, bsn, dim)) % 2**31)
+def check_case(shape, bsn, dim, dt, n_iter, update, scale=1.3, modes=(("single", 2, 232448), ("coop", 2, 232448), ("multi", 2, 232448), ("coop", 5, 232448), ("multi", 1, 49152), ("coop-refused", 3, 232448)), weight=None):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, bsn, dim)).encode()))
     w = weight if weight is not None else torch.randn(shape, dtype=torch.float64, generator=gen).to(dt)
     vecs = vectors(shape, bsn, dim, dt, gen)
     ro, rs, rv = ref_fwd(w, vecs, bsn, dim, n_iter, 1e-12, scale, update)
@@ -105,7 +113,7 @@ def check_case(shape, bsn, dim, dt, n_iter, update, scale=1.3, modes=(("single",
     # backward with the emulated state
     g = torch.randn(shape, dtype=torch.float64, generator=gen).to(dt)
     state = base[1]
-    gws = [emu_bwd(g, w, state, bsn, dim, scale, m, sm)[0] for m, sm in (("single", 2), ("coop", 3), ("multi", 2))]
+    gws = [emu_bwd(g, w, state, bsn, dim, scale, m, sm)[0] for m, sm in (("single", 2), ("coop", 3), ("multi", 2), ("coop-refused", 2))]
     for x in gws[1:]:
         assert torch.equal(x.nan_to_num(7.0), gws[0].nan_to_num(7.0)), (tag, "backward differs between modes")
     if weight is None:
@@ -127,8 +135,17 @@ BSN = [(1, 1, 3), (4, 3, 3, 3), (6, 5, 2), (3, 7, 3, 3), (5, 4, 1, 1), (2, 3, 4,
        (5, 2, 64), (3, 2, 300), (30, 40, 3), (3, 400, 3), (40, 3, 9)]
 
 if __name__ == "__main__":
+    # --quick: float32, 12 shapes; --dtypes float64,bfloat16; --every K: every K-th shape
+    # (a representative subset when the machine is busy); --bsn-only; -v: a line per case.
     quick = "--quick" in sys.argv
-    dts = [torch.float32] if quick else [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    verbose = "-v" in sys.argv
+    opt = lambda name, default: sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+    names = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    dts = [names[d] for d in opt("--dtypes", "float32" if quick else "float32,float64,float16,bfloat16").split(",")]
+    every = int(opt("--every", "1"))
+    SN, BSN = SN[::every], BSN[::every]
+    if "--bsn-only" in sys.argv:
+        SN = []
     t0 = time.time()
     count = 0
     for dt in dts:
@@ -136,9 +153,13 @@ if __name__ == "__main__":
             for n_iter, update in ((1, True), (3, True), (1, False)):
                 check_case(shape, False, dim, dt, n_iter, update)
                 count += 1
+                if verbose:
+                    print(" ", dt, "sn", shape, dim, n_iter, update, f"{time.time() - t0:.0f}s", flush=True)
         for shape in (BSN[:4] if quick else BSN):
             for n_iter, update in ((1, True), (3, True), (1, False)):
                 check_case(shape, True, 0, dt, n_iter, update)
                 count += 1
+                if verbose:
+                    print(" ", dt, "bsn", shape, n_iter, update, f"{time.time() - t0:.0f}s", flush=True)
         print(dt, "ok", count, f"{time.time() - t0:.0f}s", flush=True)
     print("ALL OK", count)

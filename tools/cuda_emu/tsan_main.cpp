@@ -5,6 +5,7 @@
 #include <vector>
 extern "C" int emu_forward(int, const void*, void*, void*, void*, void*, void*, void*, const int64_t*, int, int, int, int, double, double, int, int, int, long, int);
 extern "C" int emu_backward(int, const void*, const void*, const void*, void*, const int64_t*, int, int, int, double, int, int, int);
+extern "C" void emu_set_coop_oversubscribe(int);
 
 struct Case { std::vector<int64_t> shape; int bsn; int dim; };
 
@@ -32,7 +33,9 @@ int main(int argc, char** argv) {
     auto p0 = mk(c.bsn ? 0 : c.dim);
     auto p1 = mk(c.bsn ? 1 : c.dim);
     std::vector<double> state(4 + 2 * numel + 1000);
-    for (int mode : {1, 2, 3}) {
+    for (int m : {1, 2, 3, 4}) {  // 4: Coop refused by the "driver", falls back to Multi
+      const int mode = m == 4 ? 2 : m;
+      emu_set_coop_oversubscribe(m == 4);
       for (int update : {1, 0}) {
         for (int smem : {232448, 49152}) {
           auto q0 = p0, q1 = p1;

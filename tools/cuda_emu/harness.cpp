@@ -1,9 +1,43 @@
-// extern "C" entry points for ctypes (test only).
+// extern "C" entry points for ctypes (test only), and the CUDA runtime calls
+// launch.cu makes besides the launches.
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cuda/launch.h"
+#include "cuda/plan.h"
+#include "emu.h"
+
 extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t) {
   *n = emu::occupancy_per_sm;
   return cudaSuccess;
 }
 extern "C" cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+namespace {
+// 1: every cooperative launch asks for one block more than is co-resident and
+// is refused (DeviceInfo::coop_oversubscribe), so the launcher falls back.
+int g_oversubscribe = 0;
+
+// The launches a call made must be the ones its plan counts (plan.cpp).
+bool check_launches(bsn::cuda::Mode mode, const bsn::cuda::LaunchCounts& c, long made, int occ,
+                    const char* what) {
+  const bool fell_back = mode == bsn::cuda::Mode::Coop && (g_oversubscribe || occ <= 0);
+  const long expected = fell_back ? c.phases : c.launches;
+  if (made != expected) {
+    fprintf(stderr, "%s: %ld launches, the plan counts %ld\n", what, made, expected);
+    return false;
+  }
+  return true;
+}
+}  // namespace
+
+extern "C" void emu_set_coop_oversubscribe(int on) { g_oversubscribe = on; }
 
 namespace {
 bsn::Matricization emu_matricize(const int64_t* shape, int ndim, int dim) {
@@ -53,7 +87,9 @@ int emu_forward(int dtype, const void* w, void* u0, void* v0, void* u1, void* v1
     dev.sm_count = sm_count;
     dev.smem_optin = smem_optin;
     dev.cooperative = true;
+    dev.coop_oversubscribe = g_oversubscribe != 0;
     emu::occupancy_per_sm = occ;
+    emu::coop_max_blocks = static_cast<long>(occ) * sm_count;
     const int acc = dtype == 1 ? 8 : 4;
     const auto plan = bsn::cuda::make_forward_plan(p, acc, dev, static_cast<bsn::cuda::Mode>(mode));
     std::vector<unsigned char> ws(static_cast<size_t>(plan.ws_elems) * acc + 64);
@@ -66,7 +102,9 @@ int emu_forward(int dtype, const void* w, void* u0, void* v0, void* u1, void* v1
       case 3: bsn::cuda::launch_forward<c10::BFloat16>(p, plan, ws.data(), dev, nullptr); break;
       default: return -1;
     }
-    return static_cast<int>(plan.mode) * 100 + static_cast<int>(emu::launches - before);
+    const long made = emu::launches - before;
+    if (!check_launches(plan.mode, bsn::cuda::forward_counts(plan), made, occ, "emu_forward")) return -1;
+    return static_cast<int>(plan.mode) * 100 + static_cast<int>(made);
   } catch (const std::exception& e) {
     fprintf(stderr, "emu_forward: %s\n", e.what());
     return -1;
@@ -98,7 +136,9 @@ int emu_backward(int dtype, const void* g, const void* w, const void* state, voi
     dev.sm_count = sm_count;
     dev.smem_optin = 232448;
     dev.cooperative = true;
+    dev.coop_oversubscribe = g_oversubscribe != 0;
     emu::occupancy_per_sm = occ;
+    emu::coop_max_blocks = static_cast<long>(occ) * sm_count;
     const int acc = dtype == 1 ? 8 : 4;
     const auto plan = bsn::cuda::make_backward_plan(p, acc, dev, static_cast<bsn::cuda::Mode>(mode));
     std::vector<unsigned char> ws(static_cast<size_t>(plan.ws_elems) * acc + 64);
@@ -111,7 +151,9 @@ int emu_backward(int dtype, const void* g, const void* w, const void* state, voi
       case 3: bsn::cuda::launch_backward<c10::BFloat16>(p, plan, ws.data(), dev, nullptr); break;
       default: return -1;
     }
-    return static_cast<int>(plan.mode) * 100 + static_cast<int>(emu::launches - before);
+    const long made = emu::launches - before;
+    if (!check_launches(plan.mode, bsn::cuda::backward_counts(plan), made, occ, "emu_backward")) return -1;
+    return static_cast<int>(plan.mode) * 100 + static_cast<int>(made);
   } catch (const std::exception& e) {
     fprintf(stderr, "emu_backward: %s\n", e.what());
     return -1;

@@ -1,0 +1,73 @@
+// Kernel arguments and the kernel tables: what the launchers (launch.cu) and
+// the kernels (forward.cu, backward.cu) agree on. Host-compatible (no device
+// code): a kernel is handed to the launchers as its address, and every kernel
+// takes one argument, its FwdArgs / BwdArgs by value.
+#pragma once
+
+#include "cuda/plan.h"
+
+namespace bsn {
+namespace cuda {
+
+// Accumulation type: double for double weights, float otherwise.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+template <typename scalar_t>
+struct FwdArgs {
+  const scalar_t* w;
+  scalar_t* out;
+  scalar_t* ub[2];  // u buffers (params pair order)
+  scalar_t* vb[2];  // v buffers
+  acc_t<scalar_t>* state;
+  acc_t<scalar_t>* ws;
+  acc_t<scalar_t> eps;
+  acc_t<scalar_t> scale;
+  ForwardPlan P;
+};
+
+template <typename scalar_t>
+struct BwdArgs {
+  const scalar_t* g;
+  const scalar_t* w;
+  scalar_t* gw;
+  const acc_t<scalar_t>* state;
+  acc_t<scalar_t>* ws;
+  acc_t<scalar_t> scale;
+  BackwardPlan P;
+};
+
+// Forward kernels. Fused*: every phase in one kernel (Single: one block,
+// __syncthreads between phases; Coop: cooperative launch, grid sync). The
+// others run one phase each (Multi mode).
+enum class FwdKernel : int {
+  FusedSingle,
+  FusedCoop,
+  PhaseATrainFromBuffers,  // first power iteration: v from the u/v buffers
+  PhaseATrain,             // later iterations: v from the workspace
+  PhaseAEval,
+  PhaseB,
+  PhaseC,
+  PhaseB2,
+  PhaseDTrain,
+  PhaseDEval,
+};
+enum class BwdKernel : int { FusedSingle, FusedCoop, Dot, Apply };
+
+// The address of a kernel (explicitly instantiated for float, double,
+// c10::Half and c10::BFloat16 in forward.cu / backward.cu).
+template <typename scalar_t>
+const void* forward_kernel(FwdKernel k);
+template <typename scalar_t>
+const void* backward_kernel(BwdKernel k);
+
+}  // namespace cuda
+}  // namespace bsn

@@ -1,0 +1,630 @@
+// Forward kernels of the fused SN / BSN (phases A, B, C, B2, D; see the top of
+// launch.cu for the design). Each phase is a __device__ function looping
+// grid-stride over its chunks or items; the fused kernels (Single, Coop) run
+// them all with a barrier between phases, the phase kernels (Multi) one each.
+#include <cstdint>
+
+#include "cuda/common.cuh"
+
+namespace bsn {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Phase A: the pass over W by rows (see the top of launch.cu). SMEM_ACC: the
+// accumulators live in shared memory (else in the workspace, block mode only),
+// fixed at compile time so that their loads and stores are shared-memory
+// instructions that cannot alias the global loads of W and v (with a generic
+// pointer chosen at run time the compiler must keep them in program order).
+template <typename scalar_t, bool TRAIN, bool FROM_BUF, int GT, bool SMEM_ACC>
+__device__ void phase_a_impl(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
+                             int64_t nblk) {
+  using acc = acc_t<scalar_t>;
+  using G = Group<GT>;
+  const ForwardPlan& P = A.P;
+  acc* red = smem;
+  acc* bscr = smem + kThreads;
+  acc* accs = smem + kSmemAccOffset;
+  acc* ws = A.ws;
+  const int tid = threadIdx.x;
+  const int lane = G::lane();
+  const int gid = G::id();
+  const int64_t cols = P.cols;
+  const int64_t sr = P.sr;
+  const int64_t sm = P.sm;
+  const bool has_row = P.has_row != 0;
+  const bool has_str = P.has_str != 0;
+  const bool use_t = TRAIN && has_row;
+  const int64_t gstride = static_cast<int64_t>(P.a_narr) * cols;  // per-group accumulators
+  const scalar_t* W = A.w;
+  const scalar_t* vb_r = A.vb[P.row_pair];
+  const scalar_t* ub_r = A.ub[P.row_pair];
+  const scalar_t* vb_s = A.vb[P.str_pair];
+  const scalar_t* ub_s = A.ub[P.str_pair];
+  const acc* vc_r = ws + P.w_v0cur;
+  const acc* vc_s = ws + P.w_v1cur;
+  // v of the row pair at column n, v of the strided pair at index k.
+  auto VR = [&](int64_t n) -> acc {
+    if constexpr (FROM_BUF) {
+      return to_acc(vb_r[n]);
+    } else {
+      return vc_r[n];
+    }
+  };
+  auto VS = [&](int64_t k) -> acc {
+    if constexpr (FROM_BUF) {
+      return to_acc(vb_s[k]);
+    } else {
+      return vc_s[k];
+    }
+  };
+  // A lane's columns are n = lane + k * GT; r = n % sr is tracked incrementally.
+  const int64_t r_step = static_cast<int64_t>(GT) % sr;
+  const int64_t r_init = static_cast<int64_t>(lane) % sr;
+
+  for (int64_t c = bid; c < P.a_chunks; c += nblk) {
+    const int64_t r0 = c * P.a_rpc;
+    const int64_t r1 = imin(r0 + P.a_rpc, P.rows);
+    acc* tacc;  // row pair: t accumulator of this group (cols entries)
+    acc* qacc;  // strided pair: q accumulator of this group (cols entries)
+    if constexpr (SMEM_ACC) {
+      tacc = accs + gid * gstride;
+      qacc = tacc + (use_t ? cols : 0);
+    } else {  // block mode only (one group): accumulate in the workspace
+      tacc = ws + P.w_t0 + c * cols;
+      qacc = ws + P.w_q + c * cols;
+    }
+    // Lane-owned columns: no barrier needed until the groups are combined.
+    for (int64_t n = lane; n < cols; n += GT) {
+      if (use_t) tacc[n] = acc(0);
+      if (has_str) qacc[n] = acc(0);
+    }
+    acc part = acc(0);  // lane 0 of the group: sum of s^2 (train) or of u * s (eval)
+    for (int64_t i = r0 + gid; i < r1; i += G::kCount) {
+      const scalar_t* x = W + i * cols;
+      const int64_t vbase = i * sr;
+      if constexpr (GT == 32) {
+        // cols <= kWarpColsMax: the row lives in registers.
+        acc xr[kWarpRegs];
+#pragma unroll
+        for (int k = 0; k < kWarpRegs; ++k) {
+          const int64_t n = lane + 32 * k;
+          xr[k] = n < cols ? to_acc(x[n]) : acc(0);
+        }
+        if (has_row) {
+          acc d = acc(0);
+#pragma unroll
+          for (int k = 0; k < kWarpRegs; ++k) {
+            const int64_t n = lane + 32 * k;
+            if (n < cols) d = fma_rn(xr[k], VR(n), d);
+          }
+          const acc s = G::allsum(d, bscr);
+          if constexpr (TRAIN) {
+#pragma unroll
+            for (int k = 0; k < kWarpRegs; ++k) {
+              const int64_t n = lane + 32 * k;
+              if (n < cols) tacc[n] = fma_rn(s, xr[k], tacc[n]);
+            }
+            if (lane == 0) {
+              ws[P.w_s0 + i] = s;
+              part = fma_rn(s, s, part);
+            }
+          } else {
+            if (lane == 0) part = fma_rn(to_acc(ub_r[i]), s, part);
+          }
+        }
+        if (has_str) {
+          int64_t r = r_init;
+#pragma unroll
+          for (int k = 0; k < kWarpRegs; ++k) {
+            const int64_t n = lane + 32 * k;
+            if (n < cols) qacc[n] = fma_rn(xr[k], VS(vbase + r), qacc[n]);
+            r += r_step;
+            if (r >= sr) r -= sr;
+          }
+        }
+      } else {
+        // Block mode: long rows, the block reduces; x is read again from L1/L2.
+        if (has_row) {
+          acc d = acc(0);
+#pragma unroll 8
+          for (int64_t n = lane; n < cols; n += GT) d = fma_rn(to_acc(x[n]), VR(n), d);
+          const acc s = G::allsum(d, bscr);
+          if constexpr (TRAIN) {
+            if (has_str) {
+              int64_t r = r_init;
+              for (int64_t n = lane; n < cols; n += GT) {
+                const acc w = to_acc(x[n]);
+                tacc[n] = fma_rn(s, w, tacc[n]);
+                qacc[n] = fma_rn(w, VS(vbase + r), qacc[n]);
+                r += r_step;
+                if (r >= sr) r -= sr;
+              }
+            } else {
+              for (int64_t n = lane; n < cols; n += GT) tacc[n] = fma_rn(s, to_acc(x[n]), tacc[n]);
+            }
+            if (lane == 0) {
+              ws[P.w_s0 + i] = s;
+              part = fma_rn(s, s, part);
+            }
+          } else {
+            if (has_str) {
+              int64_t r = r_init;
+              for (int64_t n = lane; n < cols; n += GT) {
+                qacc[n] = fma_rn(to_acc(x[n]), VS(vbase + r), qacc[n]);
+                r += r_step;
+                if (r >= sr) r -= sr;
+              }
+            }
+            if (lane == 0) part = fma_rn(to_acc(ub_r[i]), s, part);
+          }
+        } else {
+          int64_t r = r_init;
+          for (int64_t n = lane; n < cols; n += GT) {
+            qacc[n] = fma_rn(to_acc(x[n]), VS(vbase + r), qacc[n]);
+            r += r_step;
+            if (r >= sr) r -= sr;
+          }
+        }
+      }
+    }
+    __syncthreads();  // every group's accumulators are complete
+
+    // Combine the groups (in group order) and store the chunk's partials.
+    if constexpr (SMEM_ACC) {
+      if (use_t) {
+        acc* dst = ws + P.w_t0 + c * cols;
+        for (int64_t n = tid; n < cols; n += kThreads) {
+          acc t = accs[n];
+          for (int g = 1; g < G::kCount; ++g) t += accs[g * gstride + n];
+          dst[n] = t;
+        }
+      }
+      if (has_str && G::kCount > 1) {
+        acc* q0 = accs + (use_t ? cols : 0);
+        for (int64_t n = tid; n < cols; n += kThreads) {
+          acc q = q0[n];
+          for (int g = 1; g < G::kCount; ++g) q += q0[g * gstride + n];
+          q0[n] = q;  // only this thread touches column n in this loop
+        }
+        __syncthreads();  // combined q visible to the j-owners below
+      }
+    }
+    if (has_str) {
+      const acc* q0 = SMEM_ACC ? accs + (use_t ? cols : 0) : ws + P.w_q + c * cols;
+      acc sg = acc(0);
+      for (int64_t j = tid; j < sm; j += kThreads) {
+        const acc* qj = q0 + j * sr;
+        acc q = acc(0);
+        for (int64_t r = 0; r < sr; ++r) q += qj[r];
+        if constexpr (TRAIN) {
+          ws[P.w_s1p + c * sm + j] = q;
+        } else {
+          sg = fma_rn(to_acc(ub_s[j]), q, sg);
+        }
+      }
+      if constexpr (!TRAIN) {
+        const acc tot = block_sum(sg, bscr);
+        if (tid == 0) ws[P.w_sig1 + c] = tot;
+      }
+    }
+    if (has_row) {
+      if (lane == 0) red[gid] = part;
+      __syncthreads();
+      if (tid == 0) {
+        acc tot = red[0];
+        for (int g = 1; g < G::kCount; ++g) tot += red[g];
+        ws[(TRAIN ? P.w_sq0 : P.w_sig0) + c] = tot;
+      }
+    }
+    __syncthreads();  // shared memory is reused by the next chunk
+  }
+}
+
+template <typename scalar_t, bool TRAIN, bool FROM_BUF>
+__device__ void phase_a(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
+                        int64_t nblk) {
+  if (A.P.a_warp) {  // warp mode always fits shared memory (plan.cpp)
+    phase_a_impl<scalar_t, TRAIN, FROM_BUF, 32, true>(A, smem, bid, nblk);
+  } else if (A.P.a_acc_smem) {
+    phase_a_impl<scalar_t, TRAIN, FROM_BUF, kThreads, true>(A, smem, bid, nblk);
+  } else {
+    phase_a_impl<scalar_t, TRAIN, FROM_BUF, kThreads, false>(A, smem, bid, nblk);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Phase B: column sums of the chunk partials, in chunk order. Items: slabs of
+// b_cpi* columns (multiples of 32); in a slab of 32 columns, warp w sums the
+// chunks w, w + 8, ... and warp 0 adds the 8 warp sums in order.
+template <typename scalar_t>
+__device__ void phase_b(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
+                        int64_t nblk) {
+  using acc = acc_t<scalar_t>;
+  const ForwardPlan& P = A.P;
+  acc* red = smem;
+  acc* bscr = smem + kThreads;
+  acc* ws = A.ws;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  acc den0 = acc(1);
+  if (P.has_row) den0 = clamp_eps(dev_sqrt(block_sum_array(ws + P.w_sq0, P.a_chunks, bscr)), A.eps);
+  const int64_t items0 = P.has_row ? P.b_items0 : 0;
+  const int64_t items1 = P.has_str ? P.b_items1 : 0;
+  for (int64_t it = bid; it < items0 + items1; it += nblk) {
+    const bool is_row = it < items0;
+    const int64_t item = is_row ? it : it - items0;
+    const int64_t ncols = is_row ? P.cols : P.sm;
+    const int64_t cpi = is_row ? P.b_cpi0 : P.b_cpi1;
+    const acc* part = ws + (is_row ? P.w_t0 : P.w_s1p);
+    const int64_t n_begin = item * cpi;
+    const int64_t n_end = imin(n_begin + cpi, ncols);
+    acc sq = acc(0);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += 32) {
+      const int64_t n = n0 + lane;
+      acc a = acc(0);
+      if (n < n_end) {
+#pragma unroll 4
+        for (int64_t ch = warp; ch < P.a_chunks; ch += kWarps) a += part[ch * ncols + n];
+      }
+      red[tid] = a;
+      __syncthreads();
+      if (warp == 0 && n < n_end) {
+        acc t = red[lane];
+        for (int g = 1; g < kWarps; ++g) t += red[g * 32 + lane];
+        if (is_row) {
+          const acc vr = t / den0;
+          ws[P.w_v0raw + n] = vr;
+          sq = fma_rn(vr, vr, sq);
+        } else {
+          ws[P.w_s1 + n] = t;
+          sq = fma_rn(t, t, sq);
+        }
+      }
+      __syncthreads();
+    }
+    const acc tot = block_sum(sq, bscr);
+    if (tid == 0) ws[(is_row ? P.w_vp0 : P.w_s1sq) + item] = tot;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Phase C: strided pair, t[i*sr + r] = sum_j W[i, j, r] * s[j], by rows i of the
+// row view (a [sm, sr] matrix each). With sr < GT, lane = jg * sr + r sums
+// j = jg, jg + JG, ... (coalesced), then a fixed pairwise tree over jg.
+template <typename scalar_t, int GT>
+__device__ void phase_c_impl(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
+                             int64_t nblk) {
+  using acc = acc_t<scalar_t>;
+  using G = Group<GT>;
+  const ForwardPlan& P = A.P;
+  acc* red = smem + G::id() * GT;  // this group's tree (kThreads in all)
+  acc* bscr = smem + kThreads;
+  acc* ws = A.ws;
+  const int lane = G::lane();
+  const acc den = clamp_eps(dev_sqrt(block_sum_array(ws + P.w_s1sq, P.b_items1, bscr)), A.eps);
+  const acc* s1 = ws + P.w_s1;
+  acc* v1raw = ws + P.w_v1raw;
+  const int64_t J = P.sm;
+  const int64_t R = P.sr;
+  const int64_t cols = P.cols;
+  for (int64_t it = bid; it < P.c_chunks; it += nblk) {
+    const int64_t c = P.c_reverse ? P.c_chunks - 1 - it : it;
+    const int64_t r0 = c * P.c_rpc;
+    const int64_t r1 = imin(r0 + P.c_rpc, P.rows);
+    acc sq = acc(0);
+    for (int64_t i = r0 + G::id(); i < r1; i += G::kCount) {
+      const scalar_t* x = A.w + i * cols;
+      acc* dst = v1raw + i * R;
+      if (R < GT) {
+        const int Ri = static_cast<int>(R);
+        const int JG = GT / Ri;
+        const int active = JG * Ri;
+        const int jg = lane / Ri;
+        const int r = lane - jg * Ri;
+        acc a = acc(0);
+        if (lane < active) {
+#pragma unroll 4
+          for (int64_t j = jg; j < J; j += JG) a = fma_rn(to_acc(x[j * R + r]), s1[j], a);
+        }
+        red[lane] = a;
+        G::sync();
+        for (int span = 1; span < JG; span <<= 1) {
+          if (lane < active && (jg % (2 * span)) == 0 && jg + span < JG) red[lane] += red[lane + span * Ri];
+          G::sync();
+        }
+        if (lane < Ri) {
+          const acc vr = red[lane] / den;
+          dst[lane] = vr;
+          sq = fma_rn(vr, vr, sq);
+        }
+        G::sync();  // red is reused by the next row
+      } else {
+        for (int64_t r = lane; r < R; r += GT) {
+          acc a = acc(0);
+#pragma unroll 4
+          for (int64_t j = 0; j < J; ++j) a = fma_rn(to_acc(x[j * R + r]), s1[j], a);
+          const acc vr = a / den;
+          dst[r] = vr;
+          sq = fma_rn(vr, vr, sq);
+        }
+      }
+    }
+    const acc tot = block_sum(sq, bscr);
+    if (threadIdx.x == 0) ws[P.w_vp1 + c] = tot;
+  }
+}
+
+template <typename scalar_t>
+__device__ void phase_c(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
+                        int64_t nblk) {
+  if (A.P.c_warp) {
+    phase_c_impl<scalar_t, 32>(A, smem, bid, nblk);
+  } else {
+    phase_c_impl<scalar_t, kThreads>(A, smem, bid, nblk);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Phase B2 (between iterations): v = v_raw / max(||v_raw||, eps).
+template <typename scalar_t>
+__device__ void phase_b2(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
+                         int64_t nblk) {
+  using acc = acc_t<scalar_t>;
+  const ForwardPlan& P = A.P;
+  acc* bscr = smem + kThreads;
+  acc* ws = A.ws;
+  const int64_t gt = bid * kThreads + threadIdx.x;
+  const int64_t gs = nblk * kThreads;
+  if (P.has_row) {
+    const acc den = clamp_eps(dev_sqrt(block_sum_array(ws + P.w_vp0, P.b_items0, bscr)), A.eps);
+    for (int64_t n = gt; n < P.cols; n += gs) ws[P.w_v0cur + n] = ws[P.w_v0raw + n] / den;
+  }
+  if (P.has_str) {
+    const acc den = clamp_eps(dev_sqrt(block_sum_array(ws + P.w_vp1, P.c_chunks, bscr)), A.eps);
+    for (int64_t k = gt; k < P.sv; k += gs) ws[P.w_v1cur + k] = ws[P.w_v1raw + k] / den;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Phase D.
+
+// Training: the new vector is src / den rounded to the weight dtype; written to
+// the buffer if accepted; the state gets what the buffer now holds.
+template <typename scalar_t>
+__device__ void store_vec(const acc_t<scalar_t>* src, acc_t<scalar_t> den, scalar_t* buf,
+                          acc_t<scalar_t>* st, int64_t len, bool ok, int64_t gt, int64_t gs) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t k = gt; k < len; k += gs) {
+    acc val;
+    if (ok) {
+      const scalar_t q = from_acc<scalar_t>(src[k] / den);
+      buf[k] = q;
+      val = to_acc(q);
+    } else {
+      val = to_acc(buf[k]);
+    }
+    st[k] = val;
+  }
+}
+
+// Eval: the state gets the buffers' values.
+template <typename scalar_t>
+__device__ void copy_vec(const scalar_t* buf, acc_t<scalar_t>* st, int64_t len, int64_t gt,
+                         int64_t gs) {
+  for (int64_t k = gt; k < len; k += gs) st[k] = to_acc(buf[k]);
+}
+
+// out = W * f over tiles of kTile elements (optionally in reverse tile order).
+template <typename scalar_t>
+__device__ void scale_pass(const scalar_t* w, scalar_t* out, int64_t E, acc_t<scalar_t> f,
+                           int64_t tiles, bool reverse, int64_t bid, int64_t nblk) {
+  for (int64_t t = bid; t < tiles; t += nblk) {
+    const int64_t tile = reverse ? tiles - 1 - t : t;
+    const int64_t base = tile * kTile + threadIdx.x;
+    scalar_t v[kEPT];
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t e = base + int64_t{k} * kThreads;
+      if (e < E) v[k] = w[e];
+    }
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t e = base + int64_t{k} * kThreads;
+      if (e < E) out[e] = from_acc<scalar_t>(mul_rn(to_acc(v[k]), f));
+    }
+  }
+}
+
+// Sigma, the state's sigmas, and the output.
+template <typename scalar_t>
+__device__ void finish_forward(const FwdArgs<scalar_t>& A, acc_t<scalar_t> sig_r,
+                               acc_t<scalar_t> sig_s, int64_t bid, int64_t nblk) {
+  using acc = acc_t<scalar_t>;
+  const ForwardPlan& P = A.P;
+  const bool both = P.has_row && P.has_str;
+  const acc sigma = both ? mul_rn(add_rn(sig_r, sig_s), acc(0.5)) : (P.has_row ? sig_r : sig_s);  // == / 2
+  if (bid == 0 && threadIdx.x == 0) {
+    A.state[0] = sigma;
+    if (both) {
+      A.state[1] = sig_r;  // pair 0 (dim 0)
+      A.state[2] = sig_s;  // pair 1 (dim 1)
+    }
+  }
+  const acc sigma_eff = sigma == acc(0) ? acc(1) : sigma;
+  const acc f = A.scale / sigma_eff;
+  scale_pass<scalar_t>(A.w, A.out, P.numel, f, P.e_tiles, P.d_reverse != 0, bid, nblk);
+}
+
+template <typename scalar_t>
+__device__ void phase_d_train(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
+                              int64_t nblk) {
+  using acc = acc_t<scalar_t>;
+  const ForwardPlan& P = A.P;
+  acc* bscr = smem + kThreads;
+  acc* ws = A.ws;
+  const acc eps = A.eps;
+  const int64_t gt = bid * kThreads + threadIdx.x;
+  const int64_t gs = nblk * kThreads;
+  acc sig_r = acc(0), sig_s = acc(0);
+  if (P.has_row) {
+    const acc ns = dev_sqrt(block_sum_array(ws + P.w_sq0, P.a_chunks, bscr));
+    const acc ssq = block_sum_array(ws + P.w_vp0, P.b_items0, bscr);
+    const acc nv = dev_sqrt(ssq);
+    sig_r = ssq / clamp_eps(nv, eps);
+    const bool ok = dev_isfinite(ns) && ns != acc(0) && dev_isfinite(nv) && nv != acc(0);
+    const int k = P.row_pair;
+    store_vec<scalar_t>(ws + P.w_s0, clamp_eps(ns, eps), A.ub[k], A.state + P.st_u[k], P.rows,
+                        ok, gt, gs);
+    store_vec<scalar_t>(ws + P.w_v0raw, clamp_eps(nv, eps), A.vb[k], A.state + P.st_v[k],
+                        P.cols, ok, gt, gs);
+  }
+  if (P.has_str) {
+    const acc ns = dev_sqrt(block_sum_array(ws + P.w_s1sq, P.b_items1, bscr));
+    const acc ssq = block_sum_array(ws + P.w_vp1, P.c_chunks, bscr);
+    const acc nv = dev_sqrt(ssq);
+    sig_s = ssq / clamp_eps(nv, eps);
+    const bool ok = dev_isfinite(ns) && ns != acc(0) && dev_isfinite(nv) && nv != acc(0);
+    const int k = P.str_pair;
+    store_vec<scalar_t>(ws + P.w_s1, clamp_eps(ns, eps), A.ub[k], A.state + P.st_u[k], P.sm, ok,
+                        gt, gs);
+    store_vec<scalar_t>(ws + P.w_v1raw, clamp_eps(nv, eps), A.vb[k], A.state + P.st_v[k], P.sv,
+                        ok, gt, gs);
+  }
+  finish_forward<scalar_t>(A, sig_r, sig_s, bid, nblk);
+}
+
+template <typename scalar_t>
+__device__ void phase_d_eval(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
+                             int64_t nblk) {
+  using acc = acc_t<scalar_t>;
+  const ForwardPlan& P = A.P;
+  acc* bscr = smem + kThreads;
+  acc* ws = A.ws;
+  const int64_t gt = bid * kThreads + threadIdx.x;
+  const int64_t gs = nblk * kThreads;
+  acc sig_r = acc(0), sig_s = acc(0);
+  if (P.has_row) {
+    sig_r = block_sum_array(ws + P.w_sig0, P.a_chunks, bscr);
+    const int k = P.row_pair;
+    copy_vec<scalar_t>(A.ub[k], A.state + P.st_u[k], P.rows, gt, gs);
+    copy_vec<scalar_t>(A.vb[k], A.state + P.st_v[k], P.cols, gt, gs);
+  }
+  if (P.has_str) {
+    sig_s = block_sum_array(ws + P.w_sig1, P.a_chunks, bscr);
+    const int k = P.str_pair;
+    copy_vec<scalar_t>(A.ub[k], A.state + P.st_u[k], P.sm, gt, gs);
+    copy_vec<scalar_t>(A.vb[k], A.state + P.st_v[k], P.sv, gt, gs);
+  }
+  finish_forward<scalar_t>(A, sig_r, sig_s, bid, nblk);
+}
+
+
+// ---------------------------------------------------------------------------
+// Kernels.
+template <typename scalar_t, class Sync>
+__global__ void __launch_bounds__(kThreads)
+    fused_forward_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
+  BSN_SMEM_DECL(scalar_t);
+  const int64_t bid = blockIdx.x;
+  const int64_t nblk = gridDim.x;
+  const ForwardPlan& P = A.P;
+  // Every block runs every phase and reaches every Sync::sync() (no early exit).
+  if (P.update) {
+    for (int it = 0; it < P.n_iter; ++it) {
+      if (it == 0) {
+        phase_a<scalar_t, true, true>(A, smem, bid, nblk);
+      } else {
+        phase_a<scalar_t, true, false>(A, smem, bid, nblk);
+      }
+      Sync::sync();
+      phase_b<scalar_t>(A, smem, bid, nblk);
+      Sync::sync();
+      if (P.has_str) {
+        phase_c<scalar_t>(A, smem, bid, nblk);
+        Sync::sync();
+      }
+      if (it + 1 < P.n_iter) {
+        phase_b2<scalar_t>(A, smem, bid, nblk);
+        Sync::sync();
+      }
+    }
+    phase_d_train<scalar_t>(A, smem, bid, nblk);
+  } else {
+    phase_a<scalar_t, false, true>(A, smem, bid, nblk);
+    Sync::sync();
+    phase_d_eval<scalar_t>(A, smem, bid, nblk);
+  }
+}
+
+template <typename scalar_t, bool TRAIN, bool FROM_BUF>
+__global__ void __launch_bounds__(kThreads) phase_a_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
+  BSN_SMEM_DECL(scalar_t);
+  phase_a<scalar_t, TRAIN, FROM_BUF>(A, smem, blockIdx.x, gridDim.x);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) phase_b_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
+  BSN_SMEM_DECL(scalar_t);
+  phase_b<scalar_t>(A, smem, blockIdx.x, gridDim.x);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) phase_c_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
+  BSN_SMEM_DECL(scalar_t);
+  phase_c<scalar_t>(A, smem, blockIdx.x, gridDim.x);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) phase_b2_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
+  BSN_SMEM_DECL(scalar_t);
+  phase_b2<scalar_t>(A, smem, blockIdx.x, gridDim.x);
+}
+
+template <typename scalar_t, bool TRAIN>
+__global__ void __launch_bounds__(kThreads) phase_d_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
+  BSN_SMEM_DECL(scalar_t);
+  if constexpr (TRAIN) {
+    phase_d_train<scalar_t>(A, smem, blockIdx.x, gridDim.x);
+  } else {
+    phase_d_eval<scalar_t>(A, smem, blockIdx.x, gridDim.x);
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+const void* forward_kernel(FwdKernel k) {
+  switch (k) {
+    case FwdKernel::FusedSingle:
+      return reinterpret_cast<const void*>(&fused_forward_kernel<scalar_t, BlockSync>);
+    case FwdKernel::FusedCoop:
+      return reinterpret_cast<const void*>(&fused_forward_kernel<scalar_t, GridSync>);
+    case FwdKernel::PhaseATrainFromBuffers:
+      return reinterpret_cast<const void*>(&phase_a_kernel<scalar_t, true, true>);
+    case FwdKernel::PhaseATrain:
+      return reinterpret_cast<const void*>(&phase_a_kernel<scalar_t, true, false>);
+    case FwdKernel::PhaseAEval:
+      return reinterpret_cast<const void*>(&phase_a_kernel<scalar_t, false, true>);
+    case FwdKernel::PhaseB:
+      return reinterpret_cast<const void*>(&phase_b_kernel<scalar_t>);
+    case FwdKernel::PhaseC:
+      return reinterpret_cast<const void*>(&phase_c_kernel<scalar_t>);
+    case FwdKernel::PhaseB2:
+      return reinterpret_cast<const void*>(&phase_b2_kernel<scalar_t>);
+    case FwdKernel::PhaseDTrain:
+      return reinterpret_cast<const void*>(&phase_d_kernel<scalar_t, true>);
+    case FwdKernel::PhaseDEval:
+      return reinterpret_cast<const void*>(&phase_d_kernel<scalar_t, false>);
+  }
+  return nullptr;
+}
+
+template const void* forward_kernel<float>(FwdKernel);
+template const void* forward_kernel<double>(FwdKernel);
+template const void* forward_kernel<c10::Half>(FwdKernel);
+template const void* forward_kernel<c10::BFloat16>(FwdKernel);
+
+}  // namespace cuda
+}  // namespace bsn
