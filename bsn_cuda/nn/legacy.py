@@ -67,10 +67,26 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
 
     _cache = None
 
+    def __call__(self, module, inputs):
+        weight = self.compute_weight(module, module.training)
+        d = module.__dict__
+        if _context.is_compiling() or self.name in d["_parameters"] or self.name in d["_buffers"]:
+            setattr(module, self.name, weight)
+        else:  # what Module.__setattr__ ends in for a plain tensor attribute, minus its checks
+            d[self.name] = weight
+
     def compute_weight(self, module, do_power_iteration):
-        weight = getattr(module, self.name + "_orig")
-        u = getattr(module, self.name + "_u")
-        v = getattr(module, self.name + "_v")
+        # The dicts first (Module.__getattr__ costs a microsecond per lookup), then
+        # getattr for modules that keep them elsewhere.
+        name = self.name
+        weight = module._parameters.get(name + "_orig")
+        if weight is None:
+            weight = getattr(module, name + "_orig")
+        buffers = module._buffers
+        u = buffers.get(name + "_u")
+        v = buffers.get(name + "_v")
+        if u is None or v is None:
+            u, v = getattr(module, name + "_u"), getattr(module, name + "_v")
         if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops, no u/v update
             onnx_export.check_eval(do_power_iteration, "nn.utils.spectral_norm")
             return onnx_export.sn_eval_graph(weight, u, v, self.dim)
