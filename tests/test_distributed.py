@@ -23,7 +23,6 @@ file:// rendezvous in a temporary directory and GLOO_SOCKET_IFNAME=lo.
 """
 
 import os
-import subprocess
 import sys
 
 import torch
@@ -117,6 +116,7 @@ def _worker(rank, world_size, store, out_dir):
 if __name__ != "__main__":
     import pytest
     from conftest import requires_ops
+    from rank_processes import assert_ranks_in_sync, run_ranks
 
     pytestmark = pytest.mark.skipif(
         not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -125,47 +125,14 @@ if __name__ != "__main__":
 
     @pytest.fixture(scope="module")
     def ddp_results(tmp_path_factory):
-        tmp = tmp_path_factory.mktemp("ddp")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if os.path.exists("/sys/class/net/lo"):
-            env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-        store = tmp / "store"
-        procs = [
-            subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), str(rank), str(WORLD_SIZE), str(store), str(tmp)],
-                env=env,
-                cwd=root,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for rank in range(WORLD_SIZE)
-        ]
-        outputs = []
-        try:
-            for proc in procs:
-                outputs.append(proc.communicate(timeout=300))
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-        for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)):
-            assert proc.returncode == 0, f"rank {rank} failed:\n{out}\n{err[-5000:]}"
-        return [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+        return run_ranks(__file__, WORLD_SIZE, tmp_path_factory.mktemp("ddp"))
 
     NAMES = [name for name, *_ in SCENARIOS]
 
     @requires_ops
     @pytest.mark.parametrize("name", NAMES)
     def test_ranks_stay_bitwise_in_sync(ddp_results, name):
-        rank0, *others = (results[name] for results in ddp_results)
-        for other in others:
-            for step, (a, b) in enumerate(zip(rank0, other)):
-                for part in ("vectors", "params"):
-                    assert a[part].keys() == b[part].keys()
-                    for key in a[part]:
-                        assert torch.equal(a[part][key], b[part][key]), f"step {step}: {key} differs between ranks"
+        assert_ranks_in_sync([results[name] for results in ddp_results])
 
     @requires_ops
     @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,54 @@
+"""Running a test file as WORLD_SIZE gloo processes (tests/test_distributed.py, tests/test_fsdp.py).
+
+Each rank runs ``python <test file> rank world_size store_path out_dir`` and
+saves its records to ``out_dir/rank{rank}.pt``.
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_ranks(script, world_size, tmp):
+    """Start the ranks, wait for them (failing with a rank's output), return their records."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    store = tmp / "store"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.abspath(script), str(rank), str(world_size), str(store), str(tmp)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world_size)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{out}\n{err[-5000:]}"
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+
+
+def assert_ranks_in_sync(per_rank):
+    """Every rank's vectors and parameters equal rank 0's, bit for bit, at every step."""
+    rank0, *others = per_rank
+    for other in others:
+        for step, (a, b) in enumerate(zip(rank0, other)):
+            for part in ("vectors", "params"):
+                assert a[part].keys() == b[part].keys()
+                for key in a[part]:
+                    assert torch.equal(a[part][key], b[part][key]), f"step {step}: {key} differs between ranks"
