@@ -29,9 +29,9 @@ WARM_UP_ITERATIONS = 15  # torch's _SpectralNorm warm-up at registration
 class _NormParametrization(nn.Module):
     """Base of :class:`SpectralNorm` and :class:`BidirectionalSpectralNorm`.
 
-    Subclasses define ``_run(weight, n_power_iterations, update) -> (out, state)``
-    and ``_LOG`` (the sigma log buffer's name). ``state[:k]`` are the sigmas
-    the log keeps (k = its length).
+    Subclasses define ``_run(weight, n_power_iterations, update, log) -> (out, state)``
+    (``log``: the sigma log buffer to write, or None) and ``_LOG`` (that
+    buffer's name), and ``_vector_names`` (their power-iteration buffers).
 
     **Eval cache.** In eval mode, when no autograd graph is recorded (no_grad,
     inference_mode, or a weight that does not require grad) and nothing traces
