@@ -46,6 +46,11 @@ def transforms_active():
     """
     if _is_compiling():
         return False
+    return eager_transforms_active()
+
+
+def eager_transforms_active():
+    """:func:`transforms_active` for callers that checked ``is_compiling()`` already."""
     return _functorch_active() or forward_ad_active()
 
 

@@ -21,7 +21,7 @@ import torch
 
 from . import _fallback, reference
 from ._context import is_compiling as _is_compiling
-from ._context import transforms_active as _transforms_active
+from ._context import eager_transforms_active as _transforms_active
 
 try:
     from . import _C  # loading it registers torch.ops.bsn_cuda.*

@@ -40,7 +40,6 @@ from .checkpoint import spectral_norm_checkpoint_context
 from .legacy import FusedLegacySpectralNorm
 from .parametrizations import PARAMETRIZATIONS, BidirectionalSpectralNorm, SpectralNorm
 
-_OURS = PARAMETRIZATIONS  # kept for bsn_cuda.ema
 
 __all__ = [
     "SpectralNorm",

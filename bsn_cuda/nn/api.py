@@ -8,7 +8,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySpectralNorm
 
 from .._checks import check_hyperparameters, check_module, check_name
 from .compat import add_legacy_checkpoint_hook, remove_legacy_checkpoint_hook
-from .legacy import FusedLegacySpectralNorm, fuse_legacy_hook
+from .legacy import CONV_TRANSPOSE, FusedLegacySpectralNorm, fuse_legacy_hook
 from .parametrizations import PARAMETRIZATIONS, BidirectionalSpectralNorm, SpectralNorm
 from .pickling import make_picklable
 
@@ -21,8 +21,6 @@ __all__ = [
     "get_sigma",
     "SPECTRAL_NORM_LAYERS",
 ]
-
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 #: The layer types :func:`apply_spectral_norm` normalizes.
 SPECTRAL_NORM_LAYERS = (
@@ -82,7 +80,7 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
     """
     weight = _get_weight(module, name, stacking=True)
     if dim is None:
-        dim = 1 if isinstance(module, _CONV_TRANSPOSE) else 0
+        dim = 1 if isinstance(module, CONV_TRANSPOSE) else 0
     parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps, scale))
     add_legacy_checkpoint_hook(module, name)
     make_picklable(module)

@@ -31,7 +31,8 @@ from . import eval_cache
 
 __all__ = ["FusedLegacySpectralNorm", "spectral_norm", "remove_spectral_norm", "fuse_legacy_hook"]
 
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# Layers whose default SN dim is 1 (torch's rule, both flavours).
+CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update):
@@ -137,7 +138,7 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
     _checks.check_module(module)
     _checks.check_name(name)
     if dim is None:
-        dim = 1 if isinstance(module, _CONV_TRANSPOSE) else 0
+        dim = 1 if isinstance(module, CONV_TRANSPOSE) else 0
     torch.nn.utils.spectral_norm(module, name, n_power_iterations, eps, dim)
     for hook in module._forward_pre_hooks.values():
         if type(hook) is TorchLegacySpectralNorm and hook.name == name:
