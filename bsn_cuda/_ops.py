@@ -39,7 +39,7 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
         stacklevel=2,
     )
 
-__all__ = ["HAS_EXTENSION", "EXTENSION_ERROR", "OP_DEVICES", "sn_forward", "bsn_forward"]
+__all__ = ["HAS_EXTENSION", "EXTENSION_ERROR", "OP_DEVICES", "sn_forward", "sn_forward_transposed", "bsn_forward"]
 
 _NAMESPACE = "bsn_cuda"
 _OP_NAMES = ("sn_forward", "sn_backward", "bsn_forward", "bsn_backward")
@@ -330,6 +330,26 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, 
         return out, state
     _fallback.warn_once(weight.device.type)
     return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+
+
+def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
+    """torch's legacy (v-first) power iteration on ``W_mat = weight.reshape(weight.shape[0], -1)``,
+    output in the weight's shape; ``u`` (``shape[0]`` elements) and ``v`` are
+    torch's vectors, updated in place when ``update``.
+
+    It is the op on ``W_mat^T``: ``sn_forward(W_mat, u=v, v=u, dim=1)``, whose
+    state is ``[sigma, v, u]``. Eager calls run as one autograd node (csrc/autograd.h).
+    """
+    if weight.device.type in OP_DEVICES and not _is_compiling() and not _transforms_active() and _FAST is not None:
+        result = _FAST.sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update)
+        if result is not None:
+            return result
+    if weight.dim() < 1:
+        raise RuntimeError(
+            f"bsn_cuda::sn_forward: expected weight with at least 1 dimension (torch's legacy order), got {weight.dim()}"
+        )
+    out, state = sn_forward(weight.reshape(weight.shape[0], -1), v, u, 1, n_power_iterations, eps, scale, update)
+    return out.view(weight.shape), state
 
 
 def _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log):

@@ -7,6 +7,8 @@
 // ops that mutate inputs, and these update u/v in place.) The backward ops are
 // functional; their own autograd (double backward) is registered in
 // bsn_cuda/_ops.py next to the fake kernels.
+#include "autograd.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -55,7 +57,7 @@ void bump_versions(std::initializer_list<const at::Tensor*> buffers) {
 }
 
 // The backward's result: one entry per forward argument, only the weight's defined.
-constexpr size_t kSNArgs = 8, kBSNArgs = 9;
+constexpr size_t kSNArgs = 8, kSNTransposedArgs = 7, kBSNArgs = 9;
 variable_list weight_grad_only(at::Tensor grad_weight, size_t num_args) {
   variable_list grads(num_args);
   grads[0] = std::move(grad_weight);
@@ -137,6 +139,70 @@ ForwardResult sn_forward_autograd(const at::Tensor& weight, at::Tensor& u, at::T
       SNForward::apply(weight, u, v, dim, n_power_iterations, eps, scale, update);
   return {result[0], result[1]};
 }
+
+// ---------------------------------------------------------------------------
+// SN with torch's legacy (v-first) order: the op on W_mat^T. See autograd.h.
+
+// W_mat of a weight: its first dimension against the rest (a 1-D weight is [n, 1]).
+at::Tensor rows_matrix(const at::Tensor& t) { return t.reshape({t.size(0), -1}); }
+
+class SNTransposedForward : public torch::autograd::Function<SNTransposedForward> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u,
+                               at::Tensor v, int64_t n_power_iterations, double eps,
+                               double scale, bool update) {
+    auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1,
+                                        n_power_iterations, eps, scale, update);
+    {
+      // An alias in the weight's shape, not an autograd view (nothing to track:
+      // this node is the output's only producer).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = out.view(weight.sizes());
+    }
+    ctx->save_for_backward({weight, state});
+    ctx->mark_non_differentiable({state});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["scale"] = scale;
+    return {out, state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return weight_grad_only({}, kSNTransposedArgs);
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[0];
+    // Differentiable reshapes here (double backward records through them).
+    at::Tensor grad_weight = call_sn_backward(rows_matrix(grads[0]), rows_matrix(weight), saved[1],
+                                              /*dim=*/1, ctx->saved_data["scale"].toDouble());
+    return weight_grad_only(grad_weight.view(weight.sizes()), kSNTransposedArgs);
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sn_forward_transposed(const at::Tensor& weight, at::Tensor& u,
+                                                         at::Tensor& v, int64_t n_power_iterations,
+                                                         double eps, double scale, bool update) {
+  TORCH_CHECK(weight.defined(), "bsn_cuda::sn_forward: expected weight to be a tensor, got None");
+  TORCH_CHECK(weight.dim() >= 1, "bsn_cuda::sn_forward: expected weight with at least 1 dimension "
+              "(torch's legacy order), got ", weight.dim());
+  if (!records_graph(weight)) {
+    // No graph: the plain op (its Autograd kernel checks and bumps the vectors).
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bsn_cuda::sn_forward", "")
+                         .typed<ForwardResult(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t,
+                                              int64_t, double, double, bool)>();
+    auto [out, state] = op.call(rows_matrix(weight), v, u, 1, n_power_iterations, eps, scale, update);
+    return {out.view(weight.sizes()), state};
+  }
+  check_buffers("bsn_cuda::sn_forward", weight, {{"u", &u}, {"v", &v}});
+  check_no_tangent("bsn_cuda::sn_forward", weight);
+  bump_versions({&u, &v});
+  variable_list result =
+      SNTransposedForward::apply(weight, u, v, n_power_iterations, eps, scale, update);
+  return {result[0], result[1]};
+}
+
+namespace {
 
 // ---------------------------------------------------------------------------
 // BSN

@@ -13,6 +13,8 @@
 // torch.ops as before.
 #include <Python.h>
 
+#include "autograd.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -196,11 +198,47 @@ PyObject* fast_bsn_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+// sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
+// torch's legacy (v-first) order, see csrc/autograd.h.
+PyObject* fast_sn_forward_transposed(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7) {
+    PyErr_Format(PyExc_TypeError, "bsn_cuda._C.sn_forward_transposed: expected 7 arguments, got %zd",
+                 nargs);
+    return nullptr;
+  }
+  if (!plain_tensor(args[0]) || !plain_tensor(args[1]) || !plain_tensor(args[2]) ||
+      at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NONE;
+  }
+  int64_t iters = 0;
+  double eps = 0, scale = 0;
+  bool update = false;
+  if (!to_int(args[3], iters) || !to_double(args[4], eps) || !to_double(args[5], scale) ||
+      !to_bool(args[6], update)) {
+    Py_RETURN_NONE;
+  }
+  const at::Tensor& weight = THPVariable_Unpack(args[0]);
+  if (!has_kernel(weight) || weight.dim() < 1) Py_RETURN_NONE;
+  at::Tensor u = THPVariable_Unpack(args[1]);
+  at::Tensor v = THPVariable_Unpack(args[2]);
+  ForwardResult result;
+  {
+    ReleaseGil no_gil;
+    result = sn_forward_transposed(weight, u, v, iters, eps, scale, update);
+  }
+  return wrap_result(std::move(result));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"sn_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_sn_forward)),
      METH_FASTCALL, "Eager entry point of bsn_cuda::sn_forward (see csrc/python_api.cpp)."},
     {"bsn_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_bsn_forward)),
      METH_FASTCALL, "Eager entry point of bsn_cuda::bsn_forward (see csrc/python_api.cpp)."},
+    {"sn_forward_transposed",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_sn_forward_transposed)),
+     METH_FASTCALL, "bsn_cuda::sn_forward in torch's legacy (v-first) order (see csrc/autograd.h)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

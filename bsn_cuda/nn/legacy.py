@@ -49,14 +49,11 @@ def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update):
             out, state = _ops.sn_forward(weight.reshape(-1, 1), u, v, 0, n_power_iterations, eps, 1.0, False)
             return out.view(weight.shape), state
         return _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, 1.0, False)
-    rows = weight.shape[dim]
     if dim == 0:
-        w_mat = weight.reshape(rows, -1)
-        out, state = _ops.sn_forward(w_mat, v, u, 1, n_power_iterations, eps, 1.0, update)
-        return out.view(weight.shape), state
+        return _ops.sn_forward_transposed(weight, u, v, n_power_iterations, eps, 1.0, update)
     moved = weight.movedim(dim, 0)
-    out, state = _ops.sn_forward(moved.reshape(rows, -1), v, u, 1, n_power_iterations, eps, 1.0, update)
-    return out.view(moved.shape).movedim(0, dim), state
+    out, state = _ops.sn_forward_transposed(moved, u, v, n_power_iterations, eps, 1.0, update)
+    return out.movedim(0, dim), state
 
 
 class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
