@@ -111,11 +111,13 @@ void sum_partials(const A* partial, int64_t chunks, int64_t n, A* out) {
 // the smallest period that is a multiple of r and of the widest vector (16
 // floats), so that every period starts vector-aligned.
 int64_t pattern_period(int64_t r) { return r / std::gcd(r, int64_t{16}) * 16; }
-// The pattern length the row primitives get: the period, repeated to at least
-// 128 elements so that their inner loops are long enough to run at full speed.
-int64_t pattern_tile(int64_t r) {
+// The pattern length the row primitives get for rows of len elements (len a
+// multiple of r): the period, repeated to at least 128 elements so that their
+// inner loops are long enough to run at full speed, and no longer than a row
+// (it is filled once per row: on short rows the fill would cost more than the row).
+int64_t pattern_tile(int64_t r, int64_t len) {
   const int64_t period = pattern_period(r);
-  return (128 + period - 1) / period * period;
+  return std::min((128 + period - 1) / period * period, len);
 }
 // period * 2^j of about 1K elements: the block pass 2 accumulates over.
 int64_t pattern_block(int64_t r) {
@@ -266,7 +268,7 @@ template <typename T, typename A>
 void bsn_pass1(const T* w, const Matricization* mat, const A* v0, const A* v1, A* s0,
                A* t0, A* s1, bool reverse) {
   const int64_t rows = mat[0].rows, L = mat[0].inner, R = mat[1].inner, cin = mat[1].rows;
-  const int64_t period = pattern_tile(R);
+  const int64_t period = pattern_tile(R, L);
   const Chunks chunks = split_rows(rows, L);
   const int64_t nvec = t0 ? 2 : 1;  // per chunk: [q] or [q, t0]
   A* const partial = scratch<A, kPartial>(chunks.count * nvec * L);  // zeroed by its chunk
@@ -636,7 +638,7 @@ void backward(const BackwardParams& p) {
   const A* u1 = v0 + p.mat[0].cols();
   const A* v1 = u1 + p.mat[1].rows;
   const int64_t rows = segments, L = seg_len, R = p.mat[1].inner;
-  const int64_t period = pattern_tile(R);
+  const int64_t period = pattern_tile(R, L);
   const A half_k = k / A(2);
   const A* const u1_repeated = repeat_each(u1, L / R, R);
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
