@@ -26,11 +26,21 @@ implementations), ``timing``, ``measure`` (running the suites), ``summary``
 ``plot`` (the figures) and ``cli`` (``python -m bsn_cuda.benchmark``).
 """
 
-from .cli import build_parser, main, run
 from .e2e import E2E_VARIANTS
 from .impls import fused_native, has_extension, impl_title, make_case, make_impl, make_layer
-from .report import to_markdown
 from .suites import ALL_SUITES, DEFAULT_IMPLS, FUSED, IMPLS, MODES, SUITES, merge_layers
+
+_LAZY = {"main": "cli", "run": "cli", "build_parser": "cli", "to_markdown": "report"}
+
+
+def __getattr__(name):
+    # The command line and the report import host_overhead: loaded on first use, so
+    # that `python -m bsn_cuda.benchmark.host_overhead` runs a module not yet imported.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["SUITES", "ALL_SUITES", "IMPLS", "DEFAULT_IMPLS", "FUSED", "MODES", "E2E_VARIANTS", "main", "run",
            "build_parser", "make_layer", "make_impl", "make_case", "fused_native", "has_extension", "impl_title",
