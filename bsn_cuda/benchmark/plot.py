@@ -199,7 +199,7 @@ def host_figure(result):
     fig, axes = _new_figure(3.8, ncols=len(modes), sharey=True)
     by = {(r["kind"], r["mode"], r["impl"]): r for r in records}
     kinds = list(dict.fromkeys(r["kind"] for r in records))
-    titles = {r["kind"]: r.get("title", r["kind"]).replace("Conv2d", "Conv").replace("BSN ", "BSN\n")
+    titles = {r["kind"]: r.get("title", r["kind"]).replace("(", "\n(", 1)
               for r in records}
     for ax, mode in zip(axes[0], modes):
         series = []
