@@ -135,10 +135,12 @@ def speedup_figure(result, dev):
         ax.axvline(len(labels) - 1.5, color=GREY, lw=0.8)
         dense = len(labels) > 12  # narrow bars: vertical value labels
         for k, (_, _, values) in enumerate(series):
-            if values[-1] is not None:
-                x = len(labels) - 1 - 0.4 + 0.8 / len(series) * (k + 0.5)
-                ax.annotate(f"{values[-1]:.1f}x", (x, values[-1]), ha="center", va="bottom", fontsize=8,
-                            fontweight="bold", rotation=90 if dense else 0)
+            for i, v in enumerate(values):
+                # the geomean's value, and a bar so short that it reads as missing
+                if v is not None and (i == len(values) - 1 or v < 0.5):
+                    ax.annotate(f"{v:.1f}x" if v >= 0.5 else f"{v:.2f}x", (i - 0.4 + 0.8 / len(series) * (k + 0.5), v),
+                                ha="center", va="bottom", fontsize=8 if i == len(values) - 1 else 7,
+                                fontweight="bold" if i == len(values) - 1 else "normal", rotation=90 if dense else 0)
         ax.set_ylim(0, 1.25 * max([v for _, _, vs in series for v in vs if v is not None] + [1.0]))
         ax.set_title(SUITES[suite]["title"], fontsize=9.5, loc="left")
         ax.set_ylabel("x torch SN", fontsize=9)
