@@ -7,13 +7,14 @@
 Each case times what a training step pays for the weight: ``module.weight``
 in training mode (power iteration + normalization) and the same followed by
 ``W_sn.backward(G)``; grads are set to None between rounds, outside the timed
-region. The cases are built by :mod:`bsn_cuda.benchmark` (same code as
+region. The cases are built by :mod:`bsn_cuda.benchmark.impls` (same code as
 ``python -m bsn_cuda.benchmark``). When the compiled ops are missing, the fused
 cases run bsn_cuda's reference fallback and say so in ``extra_info`` and in
 their group name.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ pytest.importorskip("pytest_benchmark")
 pytest.importorskip("bsn_cuda")
 
 from bsn_cuda import benchmark as B  # noqa: E402
+from bsn_cuda.benchmark import plot as P  # noqa: E402
+from bsn_cuda.benchmark.suites import merge_layers  # noqa: E402
 
 # SNGAN CNN CIFAR-10 layer c3 (128 <- 128, 4x4 kernel)
 KIND, SHAPE = "conv", (128, 128, 4, 4)
@@ -66,7 +69,7 @@ def test_benchmark_cli_smoke(tmp_path, capsys):
         "--device", "cpu", "--suite", "sngan_cnn,e2e", "--mode", "train,fwd_bwd",
         "--impls", "torch_sn,torch_legacy,fused_sn,fused_bsn", "--quick", "--retries", "0",
         "--e2e-batch", "2", "--e2e-reps", "1", "--no-progress",
-        "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--plot", str(out / "r.png"),
+        "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--plot", str(out / "r"),
     ]
     assert B.main(argv) == 0
     text = capsys.readouterr().out
@@ -80,13 +83,31 @@ def test_benchmark_cli_smoke(tmp_path, capsys):
     assert all("median_s" in r for r in res["measurements"]), [r for r in res["measurements"] if "median_s" not in r]
     assert {r["variant"] for r in res["e2e"]} == set(B.E2E_VARIANTS)
     assert "| layer |" in (out / "r.md").read_text()
-    try:
-        import matplotlib  # noqa: F401
-
-        assert (out / "r.png").stat().st_size > 0
-    except ImportError:
-        pass
+    if P.importlib.util.find_spec("matplotlib") is not None:
+        for name in ("speedup", "bsn_cost", "host", "all_points"):
+            assert (out / f"r_{name}.png").stat().st_size > 0, name
+        assert not (out / "r_gpu_bandwidth.png").exists()  # no CUDA records
     assert math.isfinite(res["summary"][0]["vs_torch_sn"])
+
+
+@pytest.mark.parametrize("kind,shape", [("conv", (128, 64, 3, 3)), ("conv", (96, 3, 1, 1)), ("linear", (192, 148))])
+def test_torch_bsn_baseline_agrees_with_the_reference_ops(kind, shape):
+    """torch_bsn (lean, from reference.matricize / normalize_vector) and ref_bsn
+    (reference.bsn_forward / sn_forward) start from the same vectors and must
+    produce the same normalized weight, step after step, and the same gradient."""
+    base = B.make_layer(kind, shape)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for impl in ("torch_bsn", "ref_bsn"):
+        torch.manual_seed(7)
+        m, fn, _ = B.make_impl(impl, base)
+        outs = [fn() for _ in range(3)]
+        outs[-1].backward(grad)
+        results.append(([o.detach() for o in outs], m.parametrizations.weight.original.grad))
+    (lean, g_lean), (ref, g_ref) = results
+    for a, b in zip(lean, ref):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(g_lean, g_ref, rtol=2e-5, atol=1e-6)
 
 
 def test_suites_are_well_formed():
@@ -96,7 +117,79 @@ def test_suites_are_well_formed():
             assert len(shape) == (4 if kind == "conv" else 2), (name, layer)
             assert count >= 1
     # a repeated shape is measured once and counted with its multiplicity
-    merged = B._merge_layers(B.SUITES["sngan_resnet"]["layers"])
+    merged = merge_layers(B.SUITES["sngan_resnet"]["layers"])
     m = {(x["kind"], x["shape"]): x["count"] for x in merged}
     assert m[("conv", (128, 128, 3, 3))] == 7
-    assert sum(x["count"] for x in B._merge_layers(B.SUITES["biggan_g_linear"]["layers"])) == 19
+    assert sum(x["count"] for x in merge_layers(B.SUITES["biggan_g_linear"]["layers"])) == 19
+
+
+def _synthetic_result():
+    """A small result in the --json format: CPU and CUDA records of two suites
+    (one conv layer where BSN differs from SN, one linear where it does not),
+    two modes, and a host section; times chosen so that every ratio is known."""
+    layers = {"sngan_cnn": [("c3", "conv", [128, 128, 4, 4]), ("l7", "linear", [1, 8192])],
+              "sngan_resnet": [("b1.c2,b2.c1-2,b3-4.c1-2", "conv", [128, 128, 3, 3]), ("l5", "linear", [1, 128])]}
+    times = {"torch_sn": 4e-4, "torch_compiled": 2e-4, "fused_sn": 1e-4, "fused_bsn": 1.25e-4}
+    records = []
+    for dev in ("cpu", "cuda:0"):
+        for suite, rows in layers.items():
+            for layer, kind, shape in rows:
+                for mode in ("train", "fwd_bwd"):
+                    for impl, t in times.items():
+                        rec = {"impl": impl, "mode": mode, "median_s": t, "suite": suite, "layer": layer,
+                               "kind": kind, "shape": shape, "count": 7 if "," in layer else 1,
+                               "numel": math.prod(shape), "device": dev, "dtype": "float32",
+                               "bytes_model": 3 * math.prod(shape) * 4}
+                        if dev != "cpu":
+                            rec.update(gbps=rec["bytes_model"] / t / 1e9, peak_bw_gbps=4800.0)
+                            rec["pct_peak_bw"] = 100 * rec["gbps"] / 4800.0
+                        records.append(rec)
+    host = [{"kind": kind, "mode": mode, "impl": impl, "title": title, "median_s": 1e-5 * (i + 1)}
+            for kind, title in (("linear", "Linear(4, 4)"), ("bsn_conv3x3", "BSN Conv2d(2, 2, 3)"))
+            for mode in ("train", "fwd_bwd", "eval", "eval_nograd")
+            for i, impl in enumerate(("identity", "torch_sn", "fused", "functional"))]
+    env = {"torch_num_threads": 2, "cpu_model": "Test CPU",
+           "devices": {"cpu": {"name": "Test CPU", "fused_native": True},
+                       "cuda:0": {"name": "NVIDIA H200", "fused_native": True, "peak_bw_gbps": 4800.0}}}
+    config = {"dtype": "float32", "quick": True, "modes": ["train", "fwd_bwd"], "impls": list(times)}
+    return {"env": env, "config": config, "measurements": records, "host": host}
+
+
+def test_model_predictions_are_read_from_the_bandwidth_model_table():
+    pred = P.load_model_predictions()
+    if pred is None:
+        pytest.skip("tools/gpu/model_predictions.md is not next to this package (installed copy)")
+    assert pred["gpu"] == "H200"
+    # | sngan_cnn | c3 | [128, 128, 4, 4] | 262,144 | 8.2 (C1) | 10.0 (C1) | 6.5 | 14.8 | 16.7 | 1.23 | 9% |
+    c3 = pred[("sngan_cnn", (128, 128, 4, 4))]
+    assert c3["SN train fwd"] == pytest.approx(8.2e-6) and c3["BSN fwd+bwd"] == pytest.approx(16.7e-6)
+    assert "BSN/SN fwd" not in c3 and "SN fwd vs roofline" not in c3
+
+
+def test_every_figure_is_drawn_from_a_synthetic_result(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = _synthetic_result()
+    predictions = {"gpu": "H200", ("sngan_cnn", (128, 128, 4, 4)): {"SN train fwd": 8.2e-6}}
+    figs = P.figures(result, str(tmp_path / "r.png"), predictions)
+    panels = {os.path.basename(path): len(fig.axes) for path, fig in figs.items()}
+    # two devices: one file per device; host overhead: one panel per mode drawn (train, fwd+bwd, eval no_grad)
+    assert panels == {
+        "r_host.png": 3,
+        "r_speedup_cpu.png": 2, "r_bsn_cost_cpu.png": 2, "r_all_points_cpu.png": 1,
+        "r_speedup_cuda0.png": 2, "r_bsn_cost_cuda0.png": 2, "r_all_points_cuda0.png": 1,
+        "r_gpu_bandwidth_cuda0.png": 2,
+    }
+    # the bars are the ratios of the records: fused SN 4x, fused BSN 3.2x, compiled 2x, and their geomean
+    ax = figs[str(tmp_path / "r_speedup_cpu.png")].axes[0]
+    heights = sorted({round(p.get_height(), 6) for p in ax.patches})
+    assert heights == [2.0, 3.2, 4.0]
+    # the model's 8.2 µs for c3 on the 4.8 TB/s peak: 3 * 262144 * 4 bytes / 8.2 µs = 19.98% of the peak
+    bw = figs[str(tmp_path / "r_gpu_bandwidth_cuda0.png")].axes[0]
+    assert any(abs(p.get_height() - 100 * 3 * 262144 * 4 / 8.2e-6 / 4.8e12) < 1e-6 for p in bw.patches)
+    written = P.plot(result, str(tmp_path / "r"), predictions)
+    assert sorted(os.path.basename(p) for p in written) == sorted(panels)
+    assert all(os.path.getsize(p) > 0 for p in written)
+    # one device: no device in the names; no CUDA records: no bandwidth figure
+    cpu_only = dict(result, measurements=[r for r in result["measurements"] if r["device"] == "cpu"])
+    assert sorted(os.path.basename(p) for p in P.figures(cpu_only, str(tmp_path / "c"))) == [
+        "c_all_points.png", "c_bsn_cost.png", "c_host.png", "c_speedup.png"]

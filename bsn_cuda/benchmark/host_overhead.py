@@ -17,8 +17,9 @@ plus ``W_sn.backward(G)``), ``eval`` (eval forward, grad enabled) and
 ``eval_nograd`` (eval forward under ``torch.no_grad()``; the weight does not
 change between calls, so bsn_cuda's eval cache answers).
 
-Run alone with ``python -m bsn_cuda.host_overhead``; ``python -m bsn_cuda.benchmark``
-includes it (``--no-host`` skips it).
+Run alone with ``python -m bsn_cuda.benchmark.host_overhead``; ``python -m
+bsn_cuda.benchmark`` includes it (``--no-host`` skips it). The tables are in
+:mod:`bsn_cuda.benchmark.report`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["KINDS", "IMPLS", "MODES", "GOALS", "run_host_overhead", "host_table", "host_goals_text"]
+from .timing import Budget, time_cpu_interleaved, warm_up_cpu
+
+__all__ = ["KINDS", "IMPLS", "MODES", "GOALS", "Identity", "run_host_overhead", "judge_host_goals", "host_index",
+           "us_per_call"]
 
 KINDS = {
     "linear": ("Linear(4, 4)", lambda: nn.Linear(4, 4, bias=False)),
@@ -51,7 +55,9 @@ GOALS = [
 ]
 
 
-class _Identity(nn.Module):
+class Identity(nn.Module):
+    """The identity parametrization: the floor any parametrization pays."""
+
     def forward(self, weight):
         return weight
 
@@ -62,7 +68,7 @@ def _module_case(kind, impl):
     torch.manual_seed(0)
     m = KINDS[kind][1]()
     if impl == "identity":
-        parametrize.register_parametrization(m, "weight", _Identity())
+        parametrize.register_parametrization(m, "weight", Identity())
     elif impl == "torch_sn":
         torch.nn.utils.parametrizations.spectral_norm(m)
     elif kind == "bsn_conv3x3":
@@ -112,8 +118,6 @@ def _case(kind, impl, mode):
 
 def run_host_overhead(budget=None, write=print):
     """Measure every kind x mode x implementation; returns a list of records."""
-    from .benchmark import Budget, _warm_up_cpu, time_cpu_interleaved
-
     budget = budget or Budget(warmup=50, min_reps=300, max_reps=4000, min_time=0.1, max_time=0.6)
     records = []
     for kind in KINDS:
@@ -121,7 +125,7 @@ def run_host_overhead(budget=None, write=print):
             cases, keep = {}, []
             for impl in IMPLS:
                 call, reset, m = _case(kind, impl, mode)
-                _warm_up_cpu(call, reset, budget)
+                warm_up_cpu(call, reset, budget)
                 cases[impl] = (call, reset)
                 keep.append(m)
             for impl, st in time_cpu_interleaved(cases, budget).items():
@@ -129,45 +133,24 @@ def run_host_overhead(budget=None, write=print):
     return records
 
 
-def _index(records):
+def host_index(records):
     return {(r["kind"], r["mode"], r["impl"]): r for r in records}
 
 
-def _us(rec):
+def us_per_call(rec):
     return rec["median_s"] * 1e6
 
 
-def host_table(records, markdown=False):
-    """µs per call (median) for each kind and mode, with the ratios the goals use."""
-    idx = _index(records)
-    head = ["weight", "mode", "identity", "torch SN", "fused", "functional", "fused vs torch", "fused / identity"]
-    rows = []
-    for kind in KINDS:
-        for mode in MODES:
-            r = {impl: idx.get((kind, mode, impl)) for impl in IMPLS}
-            if any(v is None for v in r.values()):
-                continue
-            rows.append([KINDS[kind][0], mode] + [f"{_us(r[i]):.1f}" for i in IMPLS] + [
-                f"{_us(r['torch_sn']) / _us(r['fused']):.2f}x", f"{_us(r['fused']) / _us(r['identity']):.2f}"])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: "  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w)  # noqa: E731
-                                for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([fmt(head)] + [fmt(row) for row in rows])
-
-
 def judge_host_goals(records, native=True):
-    idx = _index(records)
+    idx = host_index(records)
     goals = []
     for gid, text, mode, metric, op, thr in GOALS:
         for kind in KINDS:
             fused, torch_sn, ident = (idx.get((kind, mode, i)) for i in ("fused", "torch_sn", "identity"))
             if fused is None or torch_sn is None or ident is None:
                 continue
-            val = _us(torch_sn) / _us(fused) if metric == "vs_torch" else _us(fused) / _us(ident)
+            num, den = (torch_sn, fused) if metric == "vs_torch" else (fused, ident)
+            val = us_per_call(num) / us_per_call(den)
             ok = val >= thr if op == ">=" else val <= thr
             status = ("met" if ok else "NOT met") if native else "not judged (reference fallback, no fused ops)"
             goals.append({"id": gid, "goal": f"{text} [{KINDS[kind][0]}]", "device": "cpu", "value": val,
@@ -176,14 +159,10 @@ def judge_host_goals(records, native=True):
     return goals
 
 
-def host_goals_text(goals):
-    return "\n".join(f"  {g['status'].upper() if g['status'] in ('met', 'NOT met') else g['status']}: {g['goal']}: "
-                     f"{g['value']:.2f} ({g['op']} {g['threshold']})" + (f" [{g['caveat']}]" if g["caveat"] else "")
-                     for g in goals)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bsn_cuda.host_overhead", description=__doc__.split("\n")[0])
+    from .report import host_goals_text, host_table
+
+    p = argparse.ArgumentParser(prog="python -m bsn_cuda.benchmark.host_overhead", description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N) [1]")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
