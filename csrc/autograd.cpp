@@ -78,6 +78,16 @@ at::Tensor call_backward_op(const Op& op, const Args&... args) {
   return op.call(args...);
 }
 
+// What every forward's backward needs: the weight, the op's state (not
+// differentiable) and the scale.
+void save_context(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& state,
+                  double scale) {
+  ctx->save_for_backward({weight, state});
+  ctx->mark_non_differentiable({state});
+  ctx->set_materialize_grads(false);  // no zeros for the state's (never used) gradient
+  ctx->saved_data["scale"] = scale;
+}
+
 // ---------------------------------------------------------------------------
 // SN
 
@@ -108,11 +118,8 @@ class SNForward : public torch::autograd::Function<SNForward> {
                                double eps, double scale, bool update) {
     auto [out, state] =
         call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
-    ctx->save_for_backward({weight, state});
-    ctx->mark_non_differentiable({state});
-    ctx->set_materialize_grads(false);  // no zeros for the state's (never used) gradient
+    save_context(ctx, weight, state, scale);
     ctx->saved_data["dim"] = dim;
-    ctx->saved_data["scale"] = scale;
     return {out, state};
   }
 
@@ -159,10 +166,7 @@ class SNTransposedForward : public torch::autograd::Function<SNTransposedForward
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       out = out.view(weight.sizes());
     }
-    ctx->save_for_backward({weight, state});
-    ctx->mark_non_differentiable({state});
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["scale"] = scale;
+    save_context(ctx, weight, state, scale);
     return {out, state};
   }
 
@@ -185,18 +189,14 @@ std::tuple<at::Tensor, at::Tensor> sn_forward_transposed(const at::Tensor& weigh
   TORCH_CHECK(weight.defined(), "bsn_cuda::sn_forward: expected weight to be a tensor, got None");
   TORCH_CHECK(weight.dim() >= 1, "bsn_cuda::sn_forward: expected weight with at least 1 dimension "
               "(torch's legacy order), got ", weight.dim());
-  if (!records_graph(weight)) {
-    // No graph: the plain op (its Autograd kernel checks and bumps the vectors).
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bsn_cuda::sn_forward", "")
-                         .typed<ForwardResult(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t,
-                                              int64_t, double, double, bool)>();
-    auto [out, state] = op.call(rows_matrix(weight), v, u, 1, n_power_iterations, eps, scale, update);
-    return {out.view(weight.sizes()), state};
-  }
   check_buffers("bsn_cuda::sn_forward", weight, {{"u", &u}, {"v", &v}});
   check_no_tangent("bsn_cuda::sn_forward", weight);
   bump_versions({&u, &v});
+  if (!records_graph(weight)) {
+    auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1, n_power_iterations,
+                                        eps, scale, update);
+    return {out.view(weight.sizes()), state};
+  }
   variable_list result =
       SNTransposedForward::apply(weight, u, v, n_power_iterations, eps, scale, update);
   return {result[0], result[1]};
@@ -236,10 +236,7 @@ class BSNForward : public torch::autograd::Function<BSNForward> {
                                bool update) {
     auto [out, state] =
         call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
-    ctx->save_for_backward({weight, state});
-    ctx->mark_non_differentiable({state});
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["scale"] = scale;
+    save_context(ctx, weight, state, scale);
     return {out, state};
   }
 
