@@ -7,9 +7,28 @@ namespace bsn {
 namespace {
 
 // A dtype as Python prints it ("torch.float32"), which is how users name it
-// (at::ScalarType alone prints "Float").
+// (at::ScalarType alone prints "Float"), as bsn_cuda/_contract.py words it.
+// A local table rather than c10::getDtypeNames, which older torch (setup.py
+// allows 2.4) may lack in c10.
 std::string dtype_name(at::ScalarType dtype) {
-  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+  switch (dtype) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::ScalarType::Float8_e5m2: return "torch.float8_e5m2";
+    case at::ScalarType::Float8_e4m3fn: return "torch.float8_e4m3fn";
+    default: return c10::toString(dtype);  // rarer dtypes: the C++ name
+  }
 }
 
 void check_weight(const char* op, const at::Tensor& weight, int64_t min_dim) {

@@ -88,6 +88,18 @@ _RULES = [
         {"weight": lambda a: a["weight"].to(torch.complex64)},
         "expected weight of dtype float32, float64, float16 or bfloat16, got torch.complex64",
     ),
+    (
+        ALL_OPS,
+        "weight_bool",
+        {"weight": lambda a: a["weight"] > 0},
+        "expected weight of dtype float32, float64, float16 or bfloat16, got torch.bool",
+    ),
+    (
+        ALL_OPS,
+        "weight_float8",
+        {"weight": lambda a: a["weight"].to(torch.float8_e4m3fn)},
+        "expected weight of dtype float32, float64, float16 or bfloat16, got torch.float8_e4m3fn",
+    ),
     (SN_OPS, "weight_1d", {"weight": torch.ones(4)}, "expected weight with at least 2 dimensions, got 1 (shape [4])"),
     (
         ("bsn_forward", "bsn_backward"),
