@@ -14,12 +14,11 @@
   device, else the reference (differentiable by itself).
 """
 
-import math
 import warnings
 
 import torch
 
-from . import _fallback, reference
+from . import _contract, _fallback, reference
 from ._context import is_compiling as _is_compiling
 from ._context import eager_transforms_active as _transforms_active
 
@@ -45,10 +44,6 @@ _NAMESPACE = "bsn_cuda"
 _OP_NAMES = ("sn_forward", "sn_backward", "bsn_forward", "bsn_backward")
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _devices_with_kernels():
     """Device types for which every op has a backend kernel (checked once, at import).
 
@@ -67,113 +62,34 @@ def _devices_with_kernels():
 
 
 # ---------------------------------------------------------------------------
-# Fake kernels: output metadata only, plus the checks that metadata allows so
-# that mistakes surface while tracing rather than deep inside a compiled graph.
-
-
-def _fake_check(cond, op, msg):
-    torch._check(cond, lambda: f"bsn_cuda::{op}: {msg}")
-
-
-def _fake_check_weight(op, weight, min_dim):
-    _fake_check(
-        weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-        op,
-        f"expected weight of dtype float32, float64, float16 or bfloat16, got {weight.dtype}",
-    )
-    _fake_check(weight.dim() >= min_dim, op, f"expected weight with at least {min_dim} dimensions, got {weight.dim()}")
-    _fake_check(weight.numel() > 0, op, f"expected a non-empty weight, got shape {list(weight.shape)}")
-
-
-def _fake_check_hyper(op, n_power_iterations, eps, scale):
-    _fake_check(n_power_iterations >= 1, op, f"expected n_power_iterations >= 1, got {n_power_iterations}")
-    _fake_check(n_power_iterations <= 2**30, op, f"expected n_power_iterations <= 2^30, got {n_power_iterations}")
-    _fake_check(math.isfinite(eps) and eps > 0, op, f"expected eps > 0 and finite, got {eps}")
-    _fake_check(math.isfinite(scale) and scale > 0, op, f"expected scale > 0 and finite, got {scale}")
-
-
-def _fake_check_vectors(op, weight, named_vectors):
-    # The device check matters beyond tracing: a call mixing a meta tensor with
-    # real ones dispatches to these (Meta) kernels, which must not return garbage.
-    for name, vec, size, what in named_vectors:
-        _fake_check(vec.dim() == 1, op, f"expected {name} to be 1-D, got {vec.dim()}-D")
-        _fake_check(
-            vec.shape[0] == size,
-            op,
-            f"expected {name} to have {size} elements ({what} of weight of shape {list(weight.shape)}), "
-            f"got {vec.shape[0]}",
-        )
-        _fake_check(
-            vec.dtype == weight.dtype, op, f"expected {name} to have the weight's dtype {weight.dtype}, got {vec.dtype}"
-        )
-        _fake_check(
-            vec.device == weight.device, op, f"expected {name} on the weight's device {weight.device}, got {vec.device}"
-        )
-
-
-def _rows_cols(weight, dim):
-    rows = weight.shape[dim]
-    return rows, weight.numel() // rows
+# Fake kernels: output metadata only, after the ops' checks (bsn_cuda._contract,
+# the same rules and words as csrc/host.cpp), so that mistakes surface while
+# tracing rather than deep inside a compiled graph. The checks also guard calls
+# that mix a meta tensor with real ones, which dispatch here.
 
 
 def _fake_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
-    _fake_check_weight("sn_forward", weight, 2)
-    ndim = weight.dim()
-    _fake_check(-ndim <= dim < ndim, "sn_forward", f"expected dim in [{-ndim}, {ndim - 1}], got {dim}")
-    _fake_check_hyper("sn_forward", n_power_iterations, eps, scale)
-    rows, cols = _rows_cols(weight, dim % ndim)
-    _fake_check_vectors("sn_forward", weight, (("u", u, rows, "size(dim)"), ("v", v, cols, "numel / size(dim)")))
+    dim, _, _ = _contract.check_sn_forward("bsn_cuda::sn_forward", weight, u, v, dim, n_power_iterations, eps, scale)
     out = weight.new_empty(weight.shape)
-    state = weight.new_empty(1 + rows + cols, dtype=_acc_dtype(weight.dtype))
+    state = weight.new_empty(_contract.sn_state_size(weight.shape, dim), dtype=_contract.acc_dtype(weight.dtype))
     return out, state
 
 
 def _fake_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
-    _fake_check_weight("bsn_forward", weight, 3)
-    _fake_check_hyper("bsn_forward", n_power_iterations, eps, scale)
-    rows0, cols0 = _rows_cols(weight, 0)
-    rows1, cols1 = _rows_cols(weight, 1)
-    _fake_check_vectors(
-        "bsn_forward",
-        weight,
-        (
-            ("u0", u0, rows0, "size(0)"),
-            ("v0", v0, cols0, "numel / size(0)"),
-            ("u1", u1, rows1, "size(1)"),
-            ("v1", v1, cols1, "numel / size(1)"),
-        ),
-    )
+    _contract.check_bsn_forward("bsn_cuda::bsn_forward", weight, u0, v0, u1, v1, n_power_iterations, eps, scale)
     out = weight.new_empty(weight.shape)
-    state = weight.new_empty(3 + rows0 + cols0 + rows1 + cols1, dtype=_acc_dtype(weight.dtype))
+    state = weight.new_empty(_contract.bsn_state_size(weight.shape), dtype=_contract.acc_dtype(weight.dtype))
     return out, state
 
 
-def _fake_backward(op, grad_out, weight, state, min_dim, scale):
-    _fake_check_weight(op, weight, min_dim)
-    _fake_check(math.isfinite(scale) and scale > 0, op, f"expected scale > 0 and finite, got {scale}")
-    _fake_check(grad_out.shape == weight.shape, op, f"expected grad_out of the weight's shape {list(weight.shape)}")
-    _fake_check(grad_out.dtype == weight.dtype, op, f"expected grad_out of the weight's dtype {weight.dtype}")
-    _fake_check(
-        grad_out.device == weight.device,
-        op,
-        f"expected grad_out on the weight's device {weight.device}, got {grad_out.device}",
-    )
-    _fake_check(state.dim() == 1, op, f"expected state to be 1-D, got {state.dim()}-D")
-    _fake_check(state.dtype == _acc_dtype(weight.dtype), op, f"expected state of dtype {_acc_dtype(weight.dtype)}")
-    _fake_check(
-        state.device == weight.device, op, f"expected state on the weight's device {weight.device}, got {state.device}"
-    )
+def _fake_sn_backward(grad_out, weight, state, dim, scale):
+    _contract.check_sn_backward("bsn_cuda::sn_backward", grad_out, weight, state, dim, scale)
     return weight.new_empty(weight.shape)
 
 
-def _fake_sn_backward(grad_out, weight, state, dim, scale):
-    ndim = weight.dim()
-    _fake_check(-ndim <= dim < ndim, "sn_backward", f"expected dim in [{-ndim}, {ndim - 1}], got {dim}")
-    return _fake_backward("sn_backward", grad_out, weight, state, 2, scale)
-
-
 def _fake_bsn_backward(grad_out, weight, state, scale):
-    return _fake_backward("bsn_backward", grad_out, weight, state, 3, scale)
+    _contract.check_bsn_backward("bsn_cuda::bsn_backward", grad_out, weight, state, scale)
+    return weight.new_empty(weight.shape)
 
 
 # ---------------------------------------------------------------------------

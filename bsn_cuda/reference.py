@@ -14,12 +14,15 @@ and ``v`` held constant: ``sigma = u^T W_mat v`` (zero rule: ``sigma == 0`` is
 replaced by 1), which is exactly the gradient the fused backward computes.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ._context import transforms_active
+
+# The state layout's sizes and dtype and the ops' input checks come from the
+# contract (shared with the fake kernels; mirrors csrc/host.cpp).
+from ._contract import acc_dtype, bsn_state_size, matrix_sizes, sn_state_size
+from ._contract import check_bsn_backward, check_bsn_forward, check_sn_backward, check_sn_forward
 
 __all__ = [
     "acc_dtype",
@@ -35,14 +38,6 @@ __all__ = [
     "bsn_forward",
     "bsn_backward",
 ]
-
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def acc_dtype(dtype):
-    """The accumulation dtype of a weight dtype: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def matricize(weight, dim):
     """``W_mat(dim)``: the ``size(dim) x (numel / size(dim))`` matrix of ``weight``.
@@ -72,31 +67,12 @@ def normalize_vector(weight, eps=1e-12, scale=1.0):
     return out if scale == 1.0 else out * scale
 
 
-def _sizes(shape, dim):
-    m = shape[dim]
-    return m, math.prod(shape) // m
-
-
-def sn_state_size(shape, dim):
-    """Length of the SN state ``[sigma, u (M), v (N)]``."""
-    dim = dim + len(shape) if dim < 0 else dim
-    m, n = _sizes(shape, dim)
-    return 1 + m + n
-
-
-def bsn_state_size(shape):
-    """Length of the BSN state ``[sigma, sigma_0, sigma_1, u0, v0, u1, v1]``."""
-    m0, n0 = _sizes(shape, 0)
-    m1, n1 = _sizes(shape, 1)
-    return 3 + m0 + n0 + m1 + n1
-
-
 def _split_pairs(state, shape, dims):
     """The ``(u, v)`` vectors of each pair inside a state snapshot."""
     offset = 1 if len(dims) == 1 else 3
     pairs = []
     for d in dims:
-        m, n = _sizes(shape, d)
+        m, n = matrix_sizes(shape, d)
         pairs.append((state[offset : offset + m], state[offset + m : offset + m + n]))
         offset += m + n
     return pairs
@@ -113,108 +89,6 @@ def bsn_direction(state, shape):
     """``d sigma / d W`` of BSN: ``(fold_0(u0 v0^T) + fold_1(u1 v1^T)) / 2``."""
     (u0, v0), (u1, v1) = _split_pairs(state, shape, (0, 1))
     return (fold(torch.outer(u0, v0), shape, 0) + fold(torch.outer(u1, v1), shape, 1)) / 2
-
-
-# ---------------------------------------------------------------------------
-# Input checks: the same conditions and wording as csrc/host.cpp, RuntimeError.
-
-
-def _check(cond, op, msg):
-    if not cond:
-        raise RuntimeError(f"{op}: {msg}")
-
-
-def _check_weight(op, weight, min_dim):
-    _check(isinstance(weight, torch.Tensor), op, f"expected weight to be a tensor, got {type(weight).__name__}")
-    _check(
-        weight.dtype in _FLOATING,
-        op,
-        f"expected weight of dtype float32, float64, float16 or bfloat16, got {weight.dtype}",
-    )
-    _check(
-        weight.ndim >= min_dim,
-        op,
-        f"expected weight with at least {min_dim} dimensions, got {weight.ndim} (shape {list(weight.shape)})",
-    )
-    _check(weight.numel() > 0, op, f"expected a non-empty weight, got shape {list(weight.shape)}")
-
-
-def _check_dim(op, dim, ndim):
-    _check(
-        -ndim <= dim < ndim,
-        op,
-        f"expected dim in [{-ndim}, {ndim - 1}] for a weight with {ndim} dimensions, got {dim}",
-    )
-    return dim + ndim if dim < 0 else dim
-
-
-def _check_hyper(op, n_power_iterations, eps, scale):
-    _check(n_power_iterations >= 1, op, f"expected n_power_iterations >= 1, got {n_power_iterations}")
-    _check(n_power_iterations <= 2**30, op, f"expected n_power_iterations <= 2^30, got {n_power_iterations}")
-    _check(math.isfinite(eps) and eps > 0, op, f"expected eps > 0 and finite, got {eps}")
-    _check_scale(op, scale)
-
-
-def _check_scale(op, scale):
-    _check(math.isfinite(scale) and scale > 0, op, f"expected scale > 0 and finite, got {scale}")
-
-
-def _check_vector(op, name, vec, weight, expected_size, what):
-    _check(isinstance(vec, torch.Tensor), op, f"expected {name} to be a tensor, got {type(vec).__name__}")
-    _check(vec.ndim == 1, op, f"expected {name} to be 1-D, got {vec.ndim}-D (shape {list(vec.shape)})")
-    _check(
-        vec.shape[0] == expected_size,
-        op,
-        f"expected {name} to have {expected_size} elements ({what} of weight of shape "
-        f"{list(weight.shape)}), got {vec.shape[0]}",
-    )
-    _check(
-        vec.dtype == weight.dtype,
-        op,
-        f"expected {name} to have the weight's dtype {weight.dtype}, got {vec.dtype}",
-    )
-    _check(
-        vec.device == weight.device,
-        op,
-        f"expected {name} on the weight's device {weight.device}, got {vec.device}",
-    )
-    _check(vec.is_contiguous(), op, f"expected {name} to be contiguous, got strides {vec.stride()}")
-
-
-def _check_grad(op, grad_out, weight):
-    _check(isinstance(grad_out, torch.Tensor), op, f"expected grad_out to be a tensor, got {type(grad_out).__name__}")
-    _check(
-        grad_out.shape == weight.shape,
-        op,
-        f"expected grad_out of the weight's shape {list(weight.shape)}, got {list(grad_out.shape)}",
-    )
-    _check(
-        grad_out.dtype == weight.dtype,
-        op,
-        f"expected grad_out of the weight's dtype {weight.dtype}, got {grad_out.dtype}",
-    )
-    _check(
-        grad_out.device == weight.device,
-        op,
-        f"expected grad_out on the weight's device {weight.device}, got {grad_out.device}",
-    )
-
-
-def _check_state(op, state, weight, expected_size):
-    _check(isinstance(state, torch.Tensor), op, f"expected state to be a tensor, got {type(state).__name__}")
-    _check(
-        state.ndim == 1 and state.shape[0] == expected_size,
-        op,
-        f"expected state to be 1-D with {expected_size} elements (as returned by the forward), "
-        f"got shape {list(state.shape)}",
-    )
-    expected_dtype = acc_dtype(weight.dtype)
-    _check(state.dtype == expected_dtype, op, f"expected state of dtype {expected_dtype}, got {state.dtype}")
-    _check(
-        state.device == weight.device,
-        op,
-        f"expected state on the weight's device {weight.device}, got {state.device}",
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -278,13 +152,9 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
     ``out = W * scale / sigma`` (``sigma == 0`` counts as 1, so a zero weight
     gives ``scale * W``). ``state = [sigma, u, v]`` (acc dtype, a snapshot).
     """
-    op = "bsn_cuda.reference.sn_forward"
-    _check_weight(op, weight, 2)
-    dim = _check_dim(op, dim, weight.ndim)
-    _check_hyper(op, n_power_iterations, eps, scale)
-    m, n = _sizes(weight.shape, dim)
-    _check_vector(op, "u", u, weight, m, "size(dim)")
-    _check_vector(op, "v", v, weight, n, "numel / size(dim)")
+    dim, m, n = check_sn_forward(
+        "bsn_cuda.reference.sn_forward", weight, u, v, dim, n_power_iterations, eps, scale
+    )
 
     acc = acc_dtype(weight.dtype)
     w_acc = weight.to(acc)
@@ -305,15 +175,7 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
     ``sigma = (sigma_0 + sigma_1) / 2`` and
     ``state = [sigma, sigma_0, sigma_1, u0, v0, u1, v1]``.
     """
-    op = "bsn_cuda.reference.bsn_forward"
-    _check_weight(op, weight, 3)
-    _check_hyper(op, n_power_iterations, eps, scale)
-    m0, n0 = _sizes(weight.shape, 0)
-    m1, n1 = _sizes(weight.shape, 1)
-    _check_vector(op, "u0", u0, weight, m0, "size(0)")
-    _check_vector(op, "v0", v0, weight, n0, "numel / size(0)")
-    _check_vector(op, "u1", u1, weight, m1, "size(1)")
-    _check_vector(op, "v1", v1, weight, n1, "numel / size(1)")
+    check_bsn_forward("bsn_cuda.reference.bsn_forward", weight, u0, v0, u1, v1, n_power_iterations, eps, scale)
 
     acc = acc_dtype(weight.dtype)
     w_acc = weight.to(acc)
@@ -347,20 +209,11 @@ def _backward(grad_out, weight, sigma, direction, scale):
 
 def sn_backward(grad_out, weight, state, dim, scale):
     """Reference of ``torch.ops.bsn_cuda.sn_backward``: the weight gradient, u and v constant."""
-    op = "bsn_cuda.reference.sn_backward"
-    _check_weight(op, weight, 2)
-    dim = _check_dim(op, dim, weight.ndim)
-    _check_scale(op, scale)
-    _check_grad(op, grad_out, weight)
-    _check_state(op, state, weight, sn_state_size(weight.shape, dim))
+    dim = check_sn_backward("bsn_cuda.reference.sn_backward", grad_out, weight, state, dim, scale)
     return _backward(grad_out, weight, state[0], sn_direction(state, weight.shape, dim), scale)
 
 
 def bsn_backward(grad_out, weight, state, scale):
     """Reference of ``torch.ops.bsn_cuda.bsn_backward``: the weight gradient, u*, v* constant."""
-    op = "bsn_cuda.reference.bsn_backward"
-    _check_weight(op, weight, 3)
-    _check_scale(op, scale)
-    _check_grad(op, grad_out, weight)
-    _check_state(op, state, weight, bsn_state_size(weight.shape))
+    check_bsn_backward("bsn_cuda.reference.bsn_backward", grad_out, weight, state, scale)
     return _backward(grad_out, weight, state[0], bsn_direction(state, weight.shape), scale)

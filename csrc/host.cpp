@@ -6,13 +6,38 @@
 namespace bsn {
 namespace {
 
+// A dtype as Python prints it ("torch.float32"), which is how users name it
+// (at::ScalarType alone prints "Float"), as bsn_cuda/_contract.py words it.
+// A local table rather than c10::getDtypeNames, which older torch (setup.py
+// allows 2.4) may lack in c10.
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::ScalarType::Float8_e5m2: return "torch.float8_e5m2";
+    case at::ScalarType::Float8_e4m3fn: return "torch.float8_e4m3fn";
+    default: return c10::toString(dtype);  // rarer dtypes: the C++ name
+  }
+}
+
 void check_weight(const char* op, const at::Tensor& weight, int64_t min_dim) {
   TORCH_CHECK(weight.defined(), op, ": expected weight to be a tensor, got None");
   const auto dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               op, ": expected weight of dtype float32, float64, float16 or bfloat16, got ",
-              dtype);
+              dtype_name(dtype));
   TORCH_CHECK(weight.dim() >= min_dim, op, ": expected weight with at least ", min_dim,
               " dimensions, got ", weight.dim(), " (shape ", weight.sizes(), ")");
   TORCH_CHECK(weight.numel() > 0, op, ": expected a non-empty weight, got shape ",
@@ -28,8 +53,8 @@ void check_vector(const char* op, const char* name, const at::Tensor& vec,
               expected_size, " elements (", what, " of weight of shape ", weight.sizes(),
               "), got ", vec.size(0));
   TORCH_CHECK(vec.scalar_type() == weight.scalar_type(), op, ": expected ", name,
-              " to have the weight's dtype ", weight.scalar_type(), ", got ",
-              vec.scalar_type());
+              " to have the weight's dtype ", dtype_name(weight.scalar_type()), ", got ",
+              dtype_name(vec.scalar_type()));
   TORCH_CHECK(vec.device() == weight.device(), op, ": expected ", name,
               " on the weight's device ", weight.device(), ", got ", vec.device());
   TORCH_CHECK(vec.is_contiguous(), op, ": expected ", name,
@@ -71,10 +96,12 @@ void check_state(const char* op, const at::Tensor& state, const at::Tensor& weig
               ": expected state to be 1-D with ", expected_size,
               " elements (as returned by the forward), got shape ", state.sizes());
   TORCH_CHECK(state.scalar_type() == expected_dtype, op, ": expected state of dtype ",
-              expected_dtype, ", got ", state.scalar_type());
+              dtype_name(expected_dtype), ", got ", dtype_name(state.scalar_type()));
   TORCH_CHECK(state.device() == weight.device(), op,
               ": expected state on the weight's device ", weight.device(), ", got ",
               state.device());
+  TORCH_CHECK(state.is_contiguous(), op, ": expected state to be contiguous, got strides ",
+              state.strides());
 }
 
 void check_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& weight) {
@@ -83,8 +110,8 @@ void check_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& we
               ": expected grad_out of the weight's shape ", weight.sizes(), ", got ",
               grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type(), op,
-              ": expected grad_out of the weight's dtype ", weight.scalar_type(), ", got ",
-              grad_out.scalar_type());
+              ": expected grad_out of the weight's dtype ", dtype_name(weight.scalar_type()),
+              ", got ", dtype_name(grad_out.scalar_type()));
   TORCH_CHECK(grad_out.device() == weight.device(), op,
               ": expected grad_out on the weight's device ", weight.device(), ", got ",
               grad_out.device());
@@ -197,7 +224,6 @@ PreparedBackward prepare_sn_backward(const at::Tensor& grad_out, const at::Tenso
   check_grad(op, grad_out, weight);
   Matricization mat[1] = {matricize(weight, dim)};
   check_state(op, state, weight, state_size(mat, 1));
-  TORCH_CHECK(state.is_contiguous(), op, ": expected a contiguous state");
   return allocate_backward(grad_out, weight, state, 1, mat, scale);
 }
 
@@ -212,7 +238,6 @@ PreparedBackward prepare_bsn_backward(const at::Tensor& grad_out,
   Matricization mat[2];
   bsn_matricizations(weight, mat);
   check_state(op, state, weight, state_size(mat, 2));
-  TORCH_CHECK(state.is_contiguous(), op, ": expected a contiguous state");
   return allocate_backward(grad_out, weight, state, 2, mat, scale);
 }
 

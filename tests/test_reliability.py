@@ -225,6 +225,7 @@ def test_ops_reject_none_and_mixed_devices():
     u, v = functional.init_sn_vectors(w)
     u0, v0, u1, v1 = functional.init_bsn_vectors(w)
     _, state = torch.ops.bsn_cuda.sn_forward(w, u.clone(), v.clone(), 0, 1, 1e-12, 1.0, True)
+    _, bsn_state = torch.ops.bsn_cuda.bsn_forward(w, u0.clone(), v0.clone(), u1.clone(), v1.clone(), 1, 1e-12, 1.0, True)
     ops = torch.ops.bsn_cuda
     cases = [
         (lambda: ops.sn_forward(None, u, v, 0, 1, 1e-12, 1.0, True), "expected weight to be a tensor"),
@@ -235,7 +236,7 @@ def test_ops_reject_none_and_mixed_devices():
         (lambda: ops.sn_forward(w, u.to("meta"), v, 0, 1, 1e-12, 1.0, True), "expected u on the weight's device cpu, got meta"),
         (lambda: ops.bsn_forward(w.to("meta"), u0, v0, u1, v1, 1, 1e-12, 1.0, True), "expected u0 on the weight's device meta"),
         (lambda: ops.sn_backward(w.to("meta"), w, state, 0, 1.0), "expected grad_out on the weight's device cpu, got meta"),
-        (lambda: ops.bsn_backward(w, w, state.to("meta"), 1.0), "expected state on the weight's device cpu, got meta"),
+        (lambda: ops.bsn_backward(w, w, bsn_state.to("meta"), 1.0), "expected state on the weight's device cpu, got meta"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
