@@ -21,9 +21,11 @@ __all__ = [
     "check_hyperparameters",
     "check_n_power_iterations",
     "check_dim",
+    "check_op_dim",
     "check_module",
     "check_name",
     "check_weight",
+    "check_functional_weight",
     "REAL_DTYPES",
 ]
 
@@ -81,6 +83,14 @@ def check_dim(dim, ndim):
     return dim + ndim if dim < 0 else dim
 
 
+def check_op_dim(dim, ndim):
+    """``dim`` for the functional API, made non-negative: the ops' range check and words (ValueError)."""
+    check_int("dim", dim)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"expected dim in [{-ndim}, {ndim - 1}] for a weight with {ndim} dimensions, got {dim}")
+    return dim + ndim if dim < 0 else dim
+
+
 def check_module(module, what="module"):
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected {what} to be a torch.nn.Module, got {type(module).__name__}")
@@ -107,3 +117,15 @@ def check_weight(weight, allow_complex=False, what="a weight"):
     else:
         hint = ""
     raise TypeError(f"expected {what} of dtype float32, float64, float16 or bfloat16, got {weight.dtype}{hint}")
+
+
+def check_functional_weight(weight, min_ndim=1):
+    """A weight for the functional API: a floating-point tensor of at least ``min_ndim`` dimensions
+    (which floating dtypes, shapes and devices the ops take, the ops check)."""
+    check_tensor("weight", weight)
+    if weight.ndim == 0:
+        raise ValueError("expected weight with at least 1 dimension, got a 0-D tensor")
+    if weight.ndim < min_ndim:
+        raise ValueError(f"expected weight with at least {min_ndim} dimensions, got {weight.ndim}")
+    if not weight.is_floating_point():
+        raise TypeError(f"expected a floating-point weight, got dtype {weight.dtype}")

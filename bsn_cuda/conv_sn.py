@@ -18,13 +18,13 @@ The upper bound holds for every input size; the lower bound needs an output
 position whose whole receptive field lies inside the input (not in padding).
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import _checks
 from .nn.pickling import make_picklable as _make_picklable
 
 __all__ = ["ConvOperator", "ConvSpectralNorm", "conv_spectral_norm", "conv_operator_norm", "get_conv_sigma"]
@@ -231,12 +231,7 @@ def _check_args(module, input_shape, n_power_iterations, eps, scale, check_param
         raise ValueError(
             f"{name}: expected input_shape[0] == in_channels = {module.in_channels}, got {input_shape[0]}"
         )
-    if not isinstance(n_power_iterations, int) or isinstance(n_power_iterations, bool) or n_power_iterations < 1:
-        raise ValueError(f"{name}: expected n_power_iterations to be an int >= 1, got {n_power_iterations!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"{name}: expected eps > 0, got {eps!r}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{name}: expected a finite scale > 0, got {scale!r}")
+    _checks.check_hyperparameters(n_power_iterations, eps, scale)
     if not module.transposed and not isinstance(module.padding, str):
         spatial = input_shape[1:]
         padded = [n + 2 * p for n, p in zip(spatial, module.padding)]

@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops, reference
-from ._checks import check_bool, check_hyperparameters, check_int, check_positive_float, check_tensor
+from ._checks import (
+    check_bool,
+    check_functional_weight,
+    check_hyperparameters,
+    check_int,
+    check_op_dim,
+    check_positive_float,
+    check_tensor,
+)
 
 __all__ = [
     "spectral_norm",
@@ -29,25 +37,9 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------
-# Argument checks: Python-level values get ValueError/TypeError naming the
-# argument (bsn_cuda._checks); tensor shapes, dtypes and devices are checked by
-# the ops (RuntimeError).
-
-
-def _check_weight(weight):
-    check_tensor("weight", weight)
-    if weight.ndim == 0:
-        raise ValueError("expected weight with at least 1 dimension, got a 0-D tensor")
-    if not weight.is_floating_point():
-        raise TypeError(f"expected a floating-point weight, got dtype {weight.dtype}")
-
-
-def _normalize_dim(dim, ndim):
-    check_int("dim", dim)
-    if not -ndim <= dim < ndim:
-        raise ValueError(f"expected dim in [{-ndim}, {ndim - 1}] for a weight with {ndim} dimensions, got {dim}")
-    return dim + ndim if dim < 0 else dim
+# Argument checks (bsn_cuda._checks): Python-level values get ValueError/TypeError
+# naming the argument; tensor shapes, dtypes and devices are checked by the ops
+# (RuntimeError).
 
 
 def uses_single_matricization(shape):
@@ -84,8 +76,8 @@ def spectral_norm(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, scale=1.
     A 1-D weight is normalized exactly: ``W / max(||W||, eps) * scale``. A
     weight with ``sigma == 0`` (all zeros) gives ``scale * W`` (torch: NaN).
     """
-    _check_weight(weight)
-    dim = _normalize_dim(dim, weight.ndim)
+    check_functional_weight(weight)
+    dim = check_op_dim(dim, weight.ndim)
     check_hyperparameters(n_power_iterations, eps, scale)
     check_bool("training", training)
     if weight.ndim == 1:
@@ -110,7 +102,7 @@ def bidirectional_spectral_norm(weight, u0, v0, u1, v1, n_power_iterations=1, ep
     1-D weights: ``W / max(||W||, eps) * scale``. Other arguments as in
     :func:`spectral_norm`; a weight with sigma 0 gives ``scale * W``.
     """
-    _check_weight(weight)
+    check_functional_weight(weight)
     check_hyperparameters(n_power_iterations, eps, scale)
     check_bool("training", training)
     if weight.ndim == 1:
@@ -147,10 +139,8 @@ def init_sn_vectors(weight, dim=0, eps=1e-12):
     does for the same weight (``u`` then ``v``, ``normal_(0, 1)``, then
     ``F.normalize``), so the same seed gives the same vectors.
     """
-    _check_weight(weight)
-    if weight.ndim < 2:
-        raise ValueError(f"expected weight with at least 2 dimensions, got {weight.ndim}")
-    dim = _normalize_dim(dim, weight.ndim)
+    check_functional_weight(weight, min_ndim=2)
+    dim = check_op_dim(dim, weight.ndim)
     check_positive_float("eps", eps)
     return _random_pair(weight, dim, eps)
 
@@ -163,9 +153,7 @@ def init_bsn_vectors(weight, eps=1e-12):
     as :func:`init_sn_vectors`; ``(u0, v0, None, None)`` when
     :func:`uses_single_matricization` (then the RNG use equals torch's SN).
     """
-    _check_weight(weight)
-    if weight.ndim < 2:
-        raise ValueError(f"expected weight with at least 2 dimensions, got {weight.ndim}")
+    check_functional_weight(weight, min_ndim=2)
     check_positive_float("eps", eps)
     u0, v0 = _random_pair(weight, 0, eps)
     if uses_single_matricization(weight.shape):
@@ -177,8 +165,8 @@ def init_bsn_vectors(weight, eps=1e-12):
 @torch.no_grad()
 def warm_up_sn(weight, u, v, dim=0, n_power_iterations=15, eps=1e-12):
     """Run ``n_power_iterations`` power iterations on ``u``/``v`` in place (torch does 15 at registration)."""
-    _check_weight(weight)
-    dim = _normalize_dim(dim, weight.ndim)
+    check_functional_weight(weight)
+    dim = check_op_dim(dim, weight.ndim)
     check_hyperparameters(n_power_iterations, eps, 1.0)
     _ops.sn_forward(weight.detach(), u, v, dim, n_power_iterations, eps, 1.0, True)
 
@@ -186,7 +174,7 @@ def warm_up_sn(weight, u, v, dim=0, n_power_iterations=15, eps=1e-12):
 @torch.no_grad()
 def warm_up_bsn(weight, u0, v0, u1, v1, n_power_iterations=15, eps=1e-12):
     """:func:`warm_up_sn` for both BSN pairs (only pair 0 for single-matricization weights)."""
-    _check_weight(weight)
+    check_functional_weight(weight)
     check_hyperparameters(n_power_iterations, eps, 1.0)
     if uses_single_matricization(weight.shape):
         _ops.sn_forward(weight.detach(), u0, v0, 0, n_power_iterations, eps, 1.0, True)

@@ -273,12 +273,14 @@ def test_errors(make, shape, exc, match):
 
 
 def test_errors_hyperparameters_and_double_registration():
-    with pytest.raises(ValueError, match="n_power_iterations to be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="expected n_power_iterations >= 1, got 0"):
         bsn_cuda.conv_spectral_norm(nn.Conv2d(1, 1, 3), (1, 4, 4), n_power_iterations=0)
-    with pytest.raises(ValueError, match="finite scale > 0, got -1"):
+    with pytest.raises(ValueError, match="expected scale > 0 and finite, got -1"):
         bsn_cuda.conv_spectral_norm(nn.Conv2d(1, 1, 3), (1, 4, 4), scale=-1)
-    with pytest.raises(ValueError, match="eps > 0"):
+    with pytest.raises(ValueError, match="expected eps > 0 and finite, got 0"):
         bsn_cuda.conv_spectral_norm(nn.Conv2d(1, 1, 3), (1, 4, 4), eps=0)
+    with pytest.raises(TypeError, match="expected n_power_iterations to be an int, got float"):
+        bsn_cuda.conv_spectral_norm(nn.Conv2d(1, 1, 3), (1, 4, 4), n_power_iterations=1.0)
     m = bsn_cuda.conv_spectral_norm(nn.Conv2d(1, 1, 3), (1, 4, 4))
     with pytest.raises(ValueError, match="already has one"):
         bsn_cuda.conv_spectral_norm(m, (1, 4, 4))
