@@ -13,6 +13,9 @@ import torch
 import bsn_cuda
 from bsn_cuda import _ops
 
+# The repository (tests/ is one level down): for paths to examples/, csrc/ and the tests themselves.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 ALLOW_REFERENCE = os.environ.get("BSN_ALLOW_REFERENCE", "") == "1"
 
 # float32 results are compared at ~1e-5; TF32 convolutions/matmuls on Ampere+

@@ -1,7 +1,7 @@
 """The CUDA kernels of the fused ops (torch.ops.bsn_cuda.* on CUDA tensors).
 
 Skipped as a whole without a GPU or without the CUDA kernels (CPU-only build).
-tests/test_ops.py already runs its reference comparisons on every device; this
+tests/ops/test_numerics.py already runs its reference comparisons on every device; this
 file adds what is specific to the CUDA backend:
 
 * CUDA op == reference == CPU op (per-dtype tolerances): SN along every dim,
@@ -16,7 +16,7 @@ file adds what is specific to the CUDA backend:
   zero weights, 64-bit offsets (> 2^31 elements when the GPU has the memory).
 
 Tolerances are relative to the largest magnitude of the expected tensor, as in
-test_ops.py.
+tests/ops/test_numerics.py.
 """
 
 import contextlib

@@ -1,4 +1,4 @@
-"""Shared pieces of the drop-in parity tests (tests/test_parity_*.py).
+"""Shared pieces of the drop-in parity tests (test_parity_*.py).
 
 Every parity test runs once per implementation: ``impl="torch"`` runs torch's
 own spectral norm (this checks that the test states torch's behaviour

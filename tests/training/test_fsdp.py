@@ -1,6 +1,6 @@
 """FSDP2 (``fully_shard``) with the fused SN/BSN: 2 processes, gloo, CPU, loopback only.
 
-The same checks as the DDP test (tests/test_distributed.py, whose model,
+The same checks as the DDP test (test_distributed.py, whose model,
 batches and sizes this file reuses): each rank trains on its half of the
 batch, FSDP2 shards the weights (``parametrizations.weight.original`` becomes
 a sharded DTensor, gathered before each forward) and reduce-scatters the

@@ -1,4 +1,4 @@
-"""Running a test file as WORLD_SIZE gloo processes (tests/test_distributed.py, tests/test_fsdp.py).
+"""Running a test file as WORLD_SIZE gloo processes (test_distributed.py, test_fsdp.py).
 
 Each rank runs ``python <test file> rank world_size store_path out_dir`` and
 saves its records to ``out_dir/rank{rank}.pt``.
@@ -9,13 +9,14 @@ import subprocess
 import sys
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT as ROOT
 
 
 def run_ranks(script, world_size, tmp):
     """Start the ranks, wait for them (failing with a rank's output), return their records."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The repository (bsn_cuda) and tests/ (conftest and the shared helpers the workers import).
+    path = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     if os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     store = tmp / "store"

@@ -4,7 +4,7 @@ dims, dtypes, iteration counts, scales and training/eval: outputs, state,
 in-place buffer updates and weight gradients must agree.
 
 Tolerances are relative to the largest magnitude of the expected tensor, as in
-test_ops.py (same algorithm and accumulation dtype, only the reduction order
+test_numerics.py (same algorithm and accumulation dtype, only the reduction order
 differs): float64 1e-10, float32 1e-5, float16 2e-3, bfloat16 1.6e-2 (about
 2 ulp); weight gradients also relative to the size of the cancelling terms
 (max|scale * G / sigma|).

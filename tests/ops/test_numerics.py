@@ -580,7 +580,7 @@ def test_import_without_extension_warns_once_and_runs_the_reference():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from conftest import REPO_ROOT as root
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr
