@@ -1,7 +1,8 @@
 """Running a test file as WORLD_SIZE gloo processes (test_distributed.py, test_fsdp.py).
 
 Each rank runs ``python <test file> rank world_size store_path out_dir`` and
-saves its records to ``out_dir/rank{rank}.pt``.
+saves its records to ``out_dir/rank{rank}.pt``: per step the loss, the
+parameters and the vectors.
 """
 
 import os
@@ -53,3 +54,18 @@ def assert_ranks_in_sync(per_rank):
                 assert a[part].keys() == b[part].keys()
                 for key in a[part]:
                     assert torch.equal(a[part][key], b[part][key]), f"step {step}: {key} differs between ranks"
+
+
+def assert_matches_single_process(per_rank, expected):
+    """Losses averaged over the ranks, rank 0's parameters and vectors equal a
+    single-process run on the whole batch, step by step, up to the rounding of
+    the gradient reduction (float64, 1e-10)."""
+    tol = dict(rtol=1e-10, atol=1e-12)
+    for step, want in enumerate(expected):
+        loss = sum(records[step]["loss"] for records in per_rank) / len(per_rank)
+        torch.testing.assert_close(loss, want["loss"], **tol, msg=f"step {step}: loss")
+        got = per_rank[0][step]
+        for part in ("params", "vectors"):
+            assert got[part].keys() == want[part].keys()
+            for key in want[part]:
+                torch.testing.assert_close(got[part][key], want[part][key], **tol, msg=f"step {step}: {key}")

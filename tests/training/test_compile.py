@@ -1,37 +1,23 @@
 """torch.compile(fullgraph=True) of models using the fused SN / BSN: no graph
-breaks, same outputs, gradients and buffers as eager over a few training steps."""
+breaks, same outputs, gradients and buffers as eager over a few training steps;
+mode="reduce-overhead" (CUDA graphs) on a GPU."""
 
 import copy
+import math
 
 import pytest
 import torch
-from torch import nn
-
-from conftest import DEVICES
+from conftest import CUDA_USABLE, DEVICES, TOL, build_discriminator, images
 
 import bsn_cuda
 from bsn_cuda import functional
 
-TOL = dict(rtol=1e-5, atol=1e-6)
+requires_cuda_kernels = pytest.mark.skipif(not CUDA_USABLE, reason="CUDA graphs need CUDA and the bsn_cuda CUDA kernels")
 
 
 def _discriminator(kind):
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1),
-        nn.LeakyReLU(0.2),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.LeakyReLU(0.2),
-        nn.Conv2d(16, 16, 1),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 1),
-    )
-    if kind == "mixed":  # BSN on the convs (the 1x1 one takes its SN path), scaled SN on the linear
-        for index in (0, 2, 4):
-            bsn_cuda.bidirectional_spectral_norm(model[index], n_power_iterations=2)
-        bsn_cuda.spectral_norm(model[6], n_power_iterations=2, scale=1.5)
-        return model
-    return bsn_cuda.apply_spectral_norm(model, kind=kind, n_power_iterations=2)
+    """16x16 images, a 1x1 conv (BSN's SN path), two power iterations per layer."""
+    return build_discriminator(kind, channels=(8, 16), pointwise=True, size=16, n_power_iterations=2)
 
 
 def _state(model):
@@ -59,25 +45,25 @@ def test_compiled_discriminator_matches_eager(kind, backend, device):
     for step in range(3):
         x = torch.randn(4, 3, 16, 16, generator=gen).to(device)
         out_eager, out_compiled = eager(x), compiled(x)
-        torch.testing.assert_close(out_compiled, out_eager, **TOL)
+        torch.testing.assert_close(out_compiled, out_eager, **TOL[torch.float32])
         out_eager.square().mean().backward()
         out_compiled.square().mean().backward()
         for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, **TOL, msg=f"step {step}: grad of {name}")
+            torch.testing.assert_close(q.grad, p.grad, **TOL[torch.float32], msg=f"step {step}: grad of {name}")
         opt_eager.step(), opt_compiled.step()
         opt_eager.zero_grad(), opt_compiled.zero_grad()
         # Buffers (u, v, sigma) were updated in place by the compiled graph too.
         expected, got = _state(eager), _state(compiled_model)
         assert expected.keys() == got.keys()
         for name in expected:
-            torch.testing.assert_close(got[name], expected[name], **TOL, msg=f"step {step}: {name}")
-        torch.testing.assert_close(_sigmas(compiled_model), _sigmas(eager), **TOL)
+            torch.testing.assert_close(got[name], expected[name], **TOL[torch.float32], msg=f"step {step}: {name}")
+        torch.testing.assert_close(_sigmas(compiled_model), _sigmas(eager), **TOL[torch.float32])
 
     eager.eval(), compiled_model.eval()
     before = _state(compiled_model)
     x = torch.randn(4, 3, 16, 16, generator=gen).to(device)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x), **TOL)
+        torch.testing.assert_close(compiled(x), eager(x), **TOL[torch.float32])
     after = _state(compiled_model)
     for name in before:
         if not name.endswith("_sigma") and not name.endswith("_sigmas"):
@@ -98,10 +84,78 @@ def test_compiled_functional_api_without_graph_breaks(device):
     compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
     out_compiled = compiled(weight, *state)
     out_eager = both(weight, u, v, u0, v0, u1, v1)
-    torch.testing.assert_close(out_compiled, out_eager, **TOL)
+    torch.testing.assert_close(out_compiled, out_eager, **TOL[torch.float32])
     for got, expected in zip(state, (u, v, u0, v0, u1, v1)):
-        torch.testing.assert_close(got, expected, **TOL)
+        torch.testing.assert_close(got, expected, **TOL[torch.float32])
     grad = torch.randn_like(weight)
     (g_compiled,) = torch.autograd.grad(out_compiled, weight, grad)
     (g_eager,) = torch.autograd.grad(out_eager, weight, grad)
-    torch.testing.assert_close(g_compiled, g_eager, **TOL)
+    torch.testing.assert_close(g_compiled, g_eager, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------
+# mode="reduce-overhead": CUDA graphs
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("kind", ["sn", "bsn"])
+def test_compile_reduce_overhead_matches_eager(kind):
+    torch._dynamo.reset()
+    eager = build_discriminator(kind, device="cuda")
+    graphed = copy.deepcopy(eager)
+    compiled = torch.compile(graphed, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        x = images(step, device="cuda")
+        torch.compiler.cudagraph_mark_step_begin()
+        out_compiled = compiled(x)
+        out_eager = eager(x)
+        torch.testing.assert_close(out_compiled, out_eager, **TOL[torch.float32])
+        out_compiled.square().mean().backward()
+        out_eager.square().mean().backward()
+        for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, **TOL[torch.float32], msg=f"step {step}: {name}")
+        for (name, b), c in zip(eager.named_buffers(), graphed.buffers()):
+            torch.testing.assert_close(c, b, **TOL[torch.float32], msg=f"step {step}: {name}")
+        with torch.no_grad():
+            for p, q in zip(eager.parameters(), graphed.parameters()):
+                p -= 0.05 * p.grad
+                q -= 0.05 * q.grad
+                p.grad = q.grad = None
+    assert math.isfinite(bsn_cuda.get_sigma(graphed[0]).item())
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@requires_cuda_kernels
+def test_torch_compile_reduce_overhead_matches_eager(no_tf32):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(
+        bsn_cuda.bidirectional_spectral_norm(torch.nn.Conv2d(8, 16, 3, padding=1), n_power_iterations=2),
+        torch.nn.LeakyReLU(0.2),
+        bsn_cuda.spectral_norm(torch.nn.Conv2d(16, 16, 3, padding=1)),
+        torch.nn.Flatten(),
+        bsn_cuda.spectral_norm(torch.nn.Linear(16 * 8 * 8, 1), scale=1.5),
+    ).to("cuda")
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(4, 8, 8, 8, generator=gen).to("cuda")
+        out_eager = eager(x)
+        out_compiled = compiled(x)
+        torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-5)
+        out_eager.square().mean().backward()
+        out_compiled.square().mean().backward()
+    torch.cuda.synchronize()
+    for (name, a), (_, b) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"buffer {name}")
+    for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
