@@ -7,7 +7,11 @@ against the pure-PyTorch fallback (tests that need the compiled ops then skip).
 The tests are grouped by what they test: ops/ (the fused ops against the
 reference, their contract, autograd, special values, determinism), module/
 (the public API, drop-in parity with torch, serialization), training/ (AMP,
-checkpointing, compile, distributed, memory, EMA), cuda/ (CUDA-only).
+checkpointing, compile, distributed, memory, EMA), cuda/ (CUDA-only). The
+folders have no __init__.py: pytest imports each test file by its basename
+(so basenames are unique across tests/) with its folder and tests/ on sys.path,
+which is how the helper modules (discriminator.py, ops/op_inputs.py,
+module/parity_helpers.py, ...) are imported.
 """
 
 import os

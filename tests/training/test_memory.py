@@ -6,8 +6,8 @@ CUDA memory included); this is its quick form.
 
 import gc
 
-from conftest import build_discriminator, images
 import torch
+from conftest import build_discriminator, images
 
 
 def _live_tensors():
