@@ -23,8 +23,10 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # bsn_cuda, and the tests' discriminator
 import bsn_cuda  # noqa: E402
+from discriminator import build_discriminator  # noqa: E402
 
 
 def rss_mib():
@@ -41,21 +43,8 @@ def live_tensors():
 
 
 def build(device):
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, stride=2, padding=1),
-        nn.LeakyReLU(0.2),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1),
-        nn.LeakyReLU(0.2),
-        nn.Conv2d(64, 64, 1),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 1),
-    ).to(device)
-    bsn_cuda.bidirectional_spectral_norm(model[0])
-    bsn_cuda.bidirectional_spectral_norm(model[2], n_power_iterations=2)
-    bsn_cuda.bidirectional_spectral_norm(model[4])  # 1x1: the SN path
-    bsn_cuda.spectral_norm(model[6], scale=1.5)
-    return model
+    """The tests' discriminator, wider, on 16x16 images: BSN on the convs (a 1x1 one takes the SN path), scaled SN on the linear."""
+    return build_discriminator("mixed", channels=(32, 64), pointwise=True, size=16, device=device)
 
 
 def main():

@@ -1,8 +1,17 @@
-"""Shared test setup.
+"""Shared test setup: fixtures, tolerances and helpers of more than one test folder.
 
 The suite tests the compiled ops: if ``bsn_cuda._C`` did not load, every test
 fails (not skips) unless ``BSN_ALLOW_REFERENCE=1``, which runs the suite
 against the pure-PyTorch fallback (tests that need the compiled ops then skip).
+
+The tests are grouped by what they test: ops/ (the fused ops against the
+reference, their contract, autograd, special values, determinism), module/
+(the public API, drop-in parity with torch, serialization), training/ (AMP,
+checkpointing, compile, distributed, memory, EMA), cuda/ (CUDA-only). The
+folders have no __init__.py: pytest imports each test file by its basename
+(so basenames are unique across tests/) with its folder and tests/ on sys.path,
+which is how the helper modules (discriminator.py, ops/op_inputs.py,
+module/parity_helpers.py, ...) are imported.
 """
 
 import os
@@ -12,6 +21,10 @@ import torch
 
 import bsn_cuda
 from bsn_cuda import _ops
+from discriminator import build_discriminator, images  # noqa: F401  (for the tests: one discriminator)
+
+# The repository (tests/ is one level down): for paths to examples/, csrc/ and the tests themselves.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALLOW_REFERENCE = os.environ.get("BSN_ALLOW_REFERENCE", "") == "1"
 
@@ -80,3 +93,63 @@ def assert_close(actual, expected, dtype, what="", magnitude=0.0, factor=1.0):
 def random_unit(n, dtype, device, generator=None):
     x = torch.randn(n, dtype=torch.float64, generator=generator).to(device)
     return (x / x.norm()).to(dtype)
+
+
+# Whole-model comparisons (outputs, buffers, gradients after training steps).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+# The power-iteration vectors of SN (_u, _v) and BSN (one pair per matricization).
+VECTOR_NAMES = ("_u", "_v", "_u0", "_v0", "_u1", "_v1")
+
+
+def power_vectors(model):
+    """Detached copies of the model's u/v buffers, by name."""
+    return {k: b.detach().clone() for k, b in model.named_buffers() if k.rsplit(".", 1)[-1] in VECTOR_NAMES}
+
+
+def snapshot(model):
+    """Every parameter, buffer and gradient (detached copies)."""
+    out = {k: t.detach().clone() for k, t in model.state_dict(keep_vars=True).items()}
+    out.update({k + ".grad": p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    out.update({k: b.detach().clone() for k, b in model.named_buffers() if k.endswith(("_sigma", "_sigmas"))})
+    return out
+
+
+def assert_equal_dicts(a, b, what=""):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+def sgd_step(model, out, lr=0.05):
+    """Plain SGD on the loss mean(out^2), gradients set to None first."""
+    model.zero_grad(set_to_none=True)
+    out.square().mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+
+
+def spectral_norms(model):
+    """The SN/BSN parametrization objects of a Sequential's layers."""
+    return [m.parametrizations.weight[0] for m in model if hasattr(m, "parametrizations")]
+
+
+@pytest.fixture
+def restore_global_state():
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+@pytest.fixture
+def single_thread(restore_global_state):
+    """Tiny models gain nothing from threads; one keeps long loops fast on a busy machine."""
+    torch.set_num_threads(1)

@@ -8,7 +8,7 @@
 # Steps, in order of what they tell (each under `timeout`, capped; the caps add
 # up to the budget, so a step only runs out of time if it runs past its own cap):
 #   build       python setup.py build_ext --inplace (BSN_CUDA_BUILD=1, MAX_JOBS=16)     125 s
-#   pytest      tests/test_cuda.py, then the CUDA parametrizations of the other files 120 s
+#   pytest      tests/cuda/test_cuda.py, then the CUDA parametrizations of the others 120 s
 #   memcheck    compute-sanitizer on tools/gpu/sanitize_ops.py --quick (float32, float64) 55 s
 #   bench       python -m bsn_cuda.benchmark --device cuda --quick: the goal table      80 s
 #   racecheck / initcheck / synccheck   sanitize_ops.py --quick, float32            35/30/25 s
@@ -178,18 +178,19 @@ ok = bsn_cuda.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("
 print(f"extension loaded: {bsn_cuda.HAS_EXTENSION}; CUDA kernels registered: {ok}")
 PY
 
-# 2. The CUDA tests: tests/test_cuda.py first, then every test whose id says
-#    cuda (the device parametrizations of the other files). CI runs the rest.
+# 2. The CUDA tests: tests/cuda/test_cuda.py first, then every test whose id says
+#    cuda (tests/cuda/, the device parametrizations of the other files) and the
+#    whole-model reduce-overhead test of tests/training/test_compile.py. CI runs the rest.
 # -v: a killed run still names every test that had failed by then.
 PYTEST_ARGS=(-v -p no:cacheprovider -rfE --tb=short --durations=10 --maxfail=25 --junitxml="$WORK/junit.xml")
 if "$PYTHON" -c 'import pytest_timeout' >/dev/null 2>&1; then PYTEST_ARGS+=(--timeout=60); fi
-PYTEST_FILES=(tests/test_cuda.py tests)
+PYTEST_FILES=(tests/cuda/test_cuda.py tests)
 if [ "$DRY" -eq 1 ] && [ -n "${GPU_CHECK_FAKE_FAILURE:-}" ]; then
   printf 'def test_fake_cuda_failure():\n    x = 1\n    assert x == 2, "made up by gpu_check.sh --dry-run"\n' >"$WORK/test_fake_cuda.py"
   PYTEST_FILES+=("$WORK/test_fake_cuda.py")
 fi
 run_step pytest "${CAP[pytest]}" "$OUTDIR/pytest.log" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" \
-  "${PYTEST_FILES[@]}" -k cuda --ignore=tests/test_cuda_plans.py
+  "${PYTEST_FILES[@]}" -k "cuda or test_torch_compile_reduce_overhead_matches_eager" --ignore=tests/cuda/test_cuda_plans.py
 PYTEST_RC=$?
 
 # 3. compute-sanitizer. PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor its own

@@ -2,7 +2,7 @@
 
     python tools/gpu/model.py [--gpu h200|h100] [--out tools/gpu/model_predictions.md]
 
-The launch plans come from csrc/cuda/plan.cpp itself (tests/cuda_plan_dump.cpp,
+The launch plans come from csrc/cuda/plan.cpp itself (tests/cuda/cuda_plan_dump.cpp,
 built here with the host compiler), so the model follows the code: which mode,
 how many kernels and grid barriers, how many passes over W, and the workspace
 traffic of the chunk partials. Time = sum over phases of bytes / (bandwidth x
@@ -47,7 +47,7 @@ def build_dump():
     exe = os.path.join(tempfile.mkdtemp(), "cuda_plan_dump")
     cxx = shutil.which(os.environ.get("CXX", "g++")) or "c++"
     subprocess.run([cxx, "-std=c++20", "-O1", "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(tdir, "include"),
-                    os.path.join(ROOT, "tests", "cuda_plan_dump.cpp"), os.path.join(ROOT, "csrc", "cuda", "plan.cpp"),
+                    os.path.join(ROOT, "tests", "cuda", "cuda_plan_dump.cpp"), os.path.join(ROOT, "csrc", "cuda", "plan.cpp"),
                     "-o", exe, "-L" + os.path.join(tdir, "lib"), "-lc10", "-Wl,-rpath," + os.path.join(tdir, "lib")],
                    check=True)
     return exe

@@ -49,8 +49,10 @@ if readelf -d "$so" | grep -Eq "NEEDED.*lib(g|i)?omp"; then
 # Run from the copy, so that `import bsn_cuda` is the clang build (checked).
 "$PY" -c "import bsn_cuda, sys; f = bsn_cuda._ops._C.__file__; print('== testing', f); sys.exit(not f.startswith('$work'))"
 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_ops.py tests/test_fallback.py \
-  "tests/test_reliability.py::test_sn_training_is_bitwise_independent_of_threads_and_deterministic_mode" \
-  "tests/test_reliability.py::test_training_runs_are_bitwise_reproducible" \
+  tests/ops/test_numerics.py tests/ops/test_autograd.py tests/ops/test_op_registration.py \
+  tests/ops/test_determinism.py tests/ops/test_fallback.py tests/training/test_reproducibility.py \
+  "tests/ops/test_special_values.py::test_zero_weight_gives_scaled_weight_and_finite_grads" \
+  "tests/ops/test_special_values.py::test_non_finite_weight_keeps_buffers" \
+  "tests/ops/test_bad_arguments.py::test_bad_inputs_raise_naming_the_argument" \
   -k "not cuda" "$@"
 echo "== clang build: tests pass (sources from $root)"

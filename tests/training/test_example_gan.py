@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(REPO_ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
 
 import metrics  # noqa: E402

@@ -1,5 +1,5 @@
 // Prints the CUDA backend's launch plans (csrc/cuda/plan.cpp) as JSON, one
-// line per request, for tests/test_cuda_plans.py. Built with the host compiler
+// line per request, for tests/cuda/test_cuda_plans.py. Built with the host compiler
 // by that test; no GPU and no CUDA toolkit needed.
 //
 // stdin, one request per line:

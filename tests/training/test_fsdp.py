@@ -1,6 +1,6 @@
 """FSDP2 (``fully_shard``) with the fused SN/BSN: 2 processes, gloo, CPU, loopback only.
 
-The same checks as the DDP test (tests/test_distributed.py, whose model,
+The same checks as the DDP test (test_distributed.py, whose model,
 batches and sizes this file reuses): each rank trains on its half of the
 batch, FSDP2 shards the weights (``parametrizations.weight.original`` becomes
 a sharded DTensor, gathered before each forward) and reduce-scatters the
@@ -104,7 +104,7 @@ def _worker(rank, world_size, store, out_dir):
 if __name__ != "__main__":
     import pytest
     from conftest import requires_ops
-    from rank_processes import assert_ranks_in_sync, run_ranks
+    from rank_processes import assert_matches_single_process, assert_ranks_in_sync, run_ranks
 
     pytestmark = [
         pytest.mark.skipif(
@@ -135,16 +135,8 @@ if __name__ != "__main__":
         kind = dict((n, k) for n, k, *_ in SCENARIOS)[name]
         module = _model(kind)
         expected = _train(module)
-        tol = dict(rtol=1e-10, atol=1e-12)
         per_rank = [results[name] for results in fsdp_results]
-        for step, want in enumerate(expected):
-            loss = sum(records[step]["loss"] for records in per_rank) / WORLD_SIZE
-            torch.testing.assert_close(loss, want["loss"], **tol, msg=f"step {step}: loss")
-            got = per_rank[0][step]
-            for part in ("params", "vectors"):
-                assert got[part].keys() == want[part].keys()
-                for key in want[part]:
-                    torch.testing.assert_close(got[part][key], want[part][key], **tol, msg=f"step {step}: {key}")
+        assert_matches_single_process(per_rank, expected)
         # Training moved the vectors and the weights (the test would be vacuous otherwise).
         first, last = per_rank[0][0], per_rank[0][-1]
         assert any(not torch.equal(first["vectors"][k], last["vectors"][k]) for k in first["vectors"])

@@ -1,10 +1,12 @@
-"""Module API: drop-in compatibility with torch's spectral norm, helpers, training steps."""
+"""Module API: drop-in compatibility with torch's spectral norm, helpers, training steps,
+dtype and device moves, the functional API. (Checkpoints and pickling: test_serialization.py;
+bad arguments: tests/ops/test_bad_arguments.py.)"""
 
 import copy
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, TOL, VECTOR_NAMES, build_discriminator, images, sgd_step, spectral_norms
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import spectral_norm as legacy_spectral_norm
@@ -25,23 +27,14 @@ LAYERS = {
     "conv_transpose2d": (lambda: nn.ConvTranspose2d(4, 6, 3), (2, 4, 5, 5)),
     "conv_transpose3d": (lambda: nn.ConvTranspose3d(2, 3, 2), (2, 2, 3, 3, 3)),
 }
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 
 
 def _input(shape, dtype, device, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device, dtype)
 
 
-def _sgd_step(module, output, lr=0.1):
-    output.square().mean().backward()
-    with torch.no_grad():
-        for p in module.parameters():
-            p -= lr * p.grad
-            p.grad = None
-
-
 def _buffers(module, name="weight"):
-    return {k: b for k, b in module.parametrizations[name][0].named_buffers() if k in ("_u", "_v", "_u0", "_v0", "_u1", "_v1")}
+    return {k: b for k, b in module.parametrizations[name][0].named_buffers() if k in VECTOR_NAMES}
 
 
 # ---------------------------------------------------------------------------
@@ -65,8 +58,8 @@ def test_spectral_norm_matches_torch_over_training_steps(layer, dtype, device):
         out_theirs, out_ours = theirs(x), ours(x)
         torch.testing.assert_close(out_ours, out_theirs, **TOL[dtype])
         torch.testing.assert_close(_buffers(ours), _buffers(theirs), **TOL[dtype])
-        _sgd_step(theirs, out_theirs)
-        _sgd_step(ours, out_ours)
+        sgd_step(theirs, out_theirs, lr=0.1)
+        sgd_step(ours, out_ours, lr=0.1)
         torch.testing.assert_close(
             ours.parametrizations.weight.original, theirs.parametrizations.weight.original, **TOL[dtype]
         )
@@ -135,92 +128,6 @@ def test_eval_mode_uses_stored_vectors_and_scale():
     for _ in range(2):
         torch.testing.assert_close(layer.weight, expected)
     assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
-
-
-def test_constructor_errors_match_torch():
-    with pytest.raises(IndexError, match="Dimension out of range"):
-        bsn_cuda.spectral_norm(nn.Linear(3, 4), dim=2)
-    with pytest.raises(ValueError, match="n_power_iterations to be positive"):
-        bsn_cuda.spectral_norm(nn.Linear(3, 4), n_power_iterations=0)
-    with pytest.raises(ValueError, match="eps > 0"):
-        bsn_cuda.spectral_norm(nn.Linear(3, 4), eps=0.0)
-    with pytest.raises(ValueError, match="scale > 0"):
-        bsn_cuda.bidirectional_spectral_norm(nn.Linear(3, 4), scale=-1.0)
-    with pytest.raises(TypeError, match="n_power_iterations to be an int"):
-        bsn_cuda.bidirectional_spectral_norm(nn.Conv2d(3, 4, 3), n_power_iterations=1.5)
-    with pytest.raises(ValueError, match="no parameter or buffer with name 'kernel'"):
-        bsn_cuda.spectral_norm(nn.Linear(3, 4), name="kernel")
-    with pytest.raises(ValueError, match="uninitialized parameter"):
-        bsn_cuda.spectral_norm(nn.LazyLinear(4))
-
-
-# ---------------------------------------------------------------------------
-# state_dict compatibility
-
-
-def test_state_dict_round_trip_with_torch_parametrization():
-    torch.manual_seed(4)
-    theirs = torch_spectral_norm(nn.Conv2d(4, 6, 3))
-    x = torch.randn(2, 4, 7, 7)
-    for _ in range(3):
-        theirs(x)
-    ours = bsn_cuda.spectral_norm(nn.Conv2d(4, 6, 3))
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    theirs.eval(), ours.eval()
-    torch.testing.assert_close(ours(x), theirs(x))
-
-    # And back: train ours, load into a fresh torch module.
-    ours.train()
-    for _ in range(3):
-        ours(x)
-    back = torch_spectral_norm(nn.Conv2d(4, 6, 3))
-    back.load_state_dict(ours.state_dict(), strict=True)
-    back.eval(), ours.eval()
-    torch.testing.assert_close(back(x), ours(x))
-    assert set(ours.state_dict()) == set(back.state_dict())
-
-
-@pytest.mark.parametrize("make,dim", [(lambda: nn.Conv2d(4, 6, 3), 0), (lambda: nn.ConvTranspose2d(4, 6, 3), 1)])
-def test_legacy_checkpoint_loads_into_ours(make, dim):
-    torch.manual_seed(5)
-    legacy = legacy_spectral_norm(make())
-    x = torch.randn(2, 4, 6, 6)
-    for _ in range(3):
-        legacy(x)
-    checkpoint = legacy.state_dict()
-    assert {"weight_orig", "weight_u", "weight_v"} <= set(checkpoint)
-
-    ours = bsn_cuda.spectral_norm(make())
-    assert ours.parametrizations.weight[0].dim == dim
-    ours.load_state_dict(checkpoint, strict=True)
-    sn = ours.parametrizations.weight[0]
-    assert torch.equal(sn._u, checkpoint["weight_u"]) and torch.equal(sn._v, checkpoint["weight_v"])
-    assert torch.equal(ours.parametrizations.weight.original, checkpoint["weight_orig"])
-    legacy.eval(), ours.eval()
-    torch.testing.assert_close(ours(x), legacy(x))
-    # Our own checkpoints still load after the hook is in place.
-    ours.load_state_dict(copy.deepcopy(ours.state_dict()), strict=True)
-
-
-def test_bsn_state_dict_keys_and_round_trip():
-    torch.manual_seed(6)
-    model = bsn_cuda.bidirectional_spectral_norm(nn.Conv2d(4, 6, 3))
-    assert set(model.state_dict()) == {
-        "bias",
-        "parametrizations.weight.original",
-        "parametrizations.weight.0._u0",
-        "parametrizations.weight.0._v0",
-        "parametrizations.weight.0._u1",
-        "parametrizations.weight.0._v1",
-    }
-    single = bsn_cuda.bidirectional_spectral_norm(nn.Conv2d(4, 6, 1))
-    assert {k for k in single.state_dict() if "._" in k} == {"parametrizations.weight.0._u0", "parametrizations.weight.0._v0"}
-    x = torch.randn(2, 4, 7, 7)
-    model(x)
-    other = bsn_cuda.bidirectional_spectral_norm(nn.Conv2d(4, 6, 3))
-    other.load_state_dict(model.state_dict(), strict=True)
-    model.eval(), other.eval()
-    assert torch.equal(model(x), other(x))
 
 
 # ---------------------------------------------------------------------------
@@ -427,16 +334,39 @@ def test_get_sigma_tracks_the_last_forward():
         bsn_cuda.get_sigma(nn.Linear(2, 2))
 
 
-def test_zero_weight_module_gives_scaled_zero_not_nan():
-    layer = nn.Linear(4, 3)
-    with torch.no_grad():
-        layer.weight.zero_()
-    bsn_cuda.spectral_norm(layer, scale=2.0)
-    out = layer(torch.randn(2, 4))
-    assert torch.isfinite(out).all() and torch.equal(layer.weight, torch.zeros(3, 4))
-    assert bsn_cuda.get_sigma(layer) == 0
-    out.sum().backward()
-    assert torch.isfinite(layer.parametrizations.weight.original.grad).all()
+# ---------------------------------------------------------------------------
+# dtype and device moves
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dtype_and_device_moves_carry_the_buffers(device, monkeypatch):
+    model = build_discriminator("mixed", dtype=torch.float64)
+    model(images(0, torch.float64))
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.float64):
+        model.to(device, dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for norm in spectral_norms(model):
+            for name in VECTOR_NAMES:
+                if hasattr(norm, name):
+                    vec = getattr(norm, name)
+                    assert vec.dtype == dtype and vec.device.type == device, name
+            sigma_log = norm._sigmas if isinstance(norm, BidirectionalSpectralNorm) else norm._sigma
+            assert sigma_log.dtype == acc and sigma_log.device.type == device
+        x = images(1, dtype, device)
+        fused = copy.deepcopy(model)
+        out = fused(x)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert bsn_cuda.get_sigma(fused[0]).dtype == acc
+        with monkeypatch.context() as m:  # the same step through the reference
+            m.setattr(_ops, "OP_DEVICES", frozenset())
+            expected = model(x)
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+        for (name, a), b in zip(fused.named_buffers(), model.buffers()):
+            torch.testing.assert_close(a, b, **TOL[dtype], msg=name)
+        sgd_step(fused, out)
+        assert all(torch.isfinite(p).all() for p in fused.parameters())
+    model.cpu()
+    assert all(b.device.type == "cpu" for b in model.buffers())
 
 
 # ---------------------------------------------------------------------------
@@ -544,34 +474,6 @@ def test_functional_init_vectors_draw_like_torch():
     functional.spectral_norm(weight, u, v)  # the forward torch runs at registration (training mode)
     torch.testing.assert_close(u, layer.parametrizations.weight[0]._u)
     torch.testing.assert_close(v, layer.parametrizations.weight[0]._v)
-
-
-def test_functional_argument_errors_name_the_argument():
-    weight = torch.randn(4, 3)
-    u, v = functional.init_sn_vectors(weight)
-    cases = [
-        (lambda: functional.spectral_norm([[1.0]], u, v), TypeError, "expected weight to be a torch.Tensor, got list"),
-        (lambda: functional.spectral_norm(torch.ones(4, 3, dtype=torch.int32), u, v), TypeError, "expected a floating-point weight"),
-        (lambda: functional.spectral_norm(torch.tensor(1.0), u, v), ValueError, "at least 1 dimension"),
-        (lambda: functional.spectral_norm(weight, None, v), TypeError, "expected u to be a torch.Tensor, got NoneType"),
-        (lambda: functional.spectral_norm(weight, u, "v"), TypeError, "expected v to be a torch.Tensor, got str"),
-        (lambda: functional.spectral_norm(weight, u, v, dim=2), ValueError, r"expected dim in \[-2, 1\]"),
-        (lambda: functional.spectral_norm(weight, u, v, dim=0.0), TypeError, "expected dim to be an int, got float"),
-        (lambda: functional.spectral_norm(weight, u, v, n_power_iterations=0), ValueError, "expected n_power_iterations >= 1, got 0"),
-        (lambda: functional.spectral_norm(weight, u, v, n_power_iterations=True), TypeError, "expected n_power_iterations to be an int, got bool"),
-        (lambda: functional.spectral_norm(weight, u, v, eps=0.0), ValueError, "expected eps > 0 and finite, got 0.0"),
-        (lambda: functional.spectral_norm(weight, u, v, eps="1e-12"), TypeError, "expected eps to be a float, got str"),
-        (lambda: functional.spectral_norm(weight, u, v, scale=float("nan")), ValueError, "expected scale > 0 and finite, got nan"),
-        (lambda: functional.spectral_norm(weight, u, v, scale=-2), ValueError, "expected scale > 0 and finite, got -2"),
-        (lambda: functional.bidirectional_spectral_norm(torch.randn(4, 3, 2), u, v, None, v), TypeError, "expected u1 to be a torch.Tensor"),
-        (lambda: functional.init_sn_vectors(torch.randn(3)), ValueError, "at least 2 dimensions"),
-    ]
-    for call, error, message in cases:
-        with pytest.raises(error, match=message):
-            call()
-    # Tensor sizes are the op's to check (RuntimeError naming the argument).
-    with pytest.raises(RuntimeError, match="expected u to have 4 elements"):
-        functional.spectral_norm(weight, torch.ones(3), v)
 
 
 def test_convert_parametrized_vector_weight_and_inference_mode():

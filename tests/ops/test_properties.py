@@ -4,7 +4,7 @@ dims, dtypes, iteration counts, scales and training/eval: outputs, state,
 in-place buffer updates and weight gradients must agree.
 
 Tolerances are relative to the largest magnitude of the expected tensor, as in
-test_ops.py (same algorithm and accumulation dtype, only the reduction order
+test_numerics.py (same algorithm and accumulation dtype, only the reduction order
 differs): float64 1e-10, float32 1e-5, float16 2e-3, bfloat16 1.6e-2 (about
 2 ulp); weight gradients also relative to the size of the cancelling terms
 (max|scale * G / sigma|).
@@ -116,10 +116,9 @@ def _check(results, dtype, scale, grad_out, vector_names):
 shapes = st.lists(st.integers(1, 9), min_size=2, max_size=4)
 
 
-@SETTINGS
-@given(
-    shape=shapes,
-    dim_seed=st.integers(0, 1000),
+# What both ops take besides the shape: dtype, memory layout, iterations, warm-up
+# of the vectors, training/eval, scale, zeroed rows, and the seed of the values.
+OP_ARGUMENTS = dict(
     dtype=DTYPES,
     layout=LAYOUTS,
     n_power_iterations=st.integers(1, 4),
@@ -128,6 +127,14 @@ shapes = st.lists(st.integers(1, 9), min_size=2, max_size=4)
     scale=st.sampled_from([1.0, 0.5, 2.0, 1.7]),
     zero_rows=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
+)
+
+
+@SETTINGS
+@given(
+    shape=shapes,
+    dim_seed=st.integers(0, 1000),
+    **OP_ARGUMENTS,
 )
 def test_sn_op_matches_reference(shape, dim_seed, dtype, layout, n_power_iterations, warm, update, scale, zero_rows, seed):
     ndim = len(shape)
@@ -148,14 +155,7 @@ def test_sn_op_matches_reference(shape, dim_seed, dtype, layout, n_power_iterati
 @SETTINGS
 @given(
     shape=st.lists(st.integers(1, 9), min_size=3, max_size=4),
-    dtype=DTYPES,
-    layout=LAYOUTS,
-    n_power_iterations=st.integers(1, 4),
-    warm=st.integers(0, 3),
-    update=st.booleans(),
-    scale=st.sampled_from([1.0, 0.5, 2.0, 1.7]),
-    zero_rows=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
+    **OP_ARGUMENTS,
 )
 def test_bsn_op_matches_reference(shape, dtype, layout, n_power_iterations, warm, update, scale, zero_rows, seed):
     weight = _make_weight(shape, dtype, layout, seed, zero_rows)

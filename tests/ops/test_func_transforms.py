@@ -4,11 +4,15 @@ The fused ops have no batching rule and no forward derivative, so bsn_cuda
 routes these calls to the differentiable reference; derivatives must equal
 those of torch's SN under the same transforms (same seed, so the same
 vectors), and a direct op call with a tangent must raise, never return an
-output without one.
+output without one. torch.func.functional_call updates the buffers it is
+given, as torch's SN does.
 """
+
+import copy
 
 import pytest
 import torch
+from conftest import assert_equal_dicts, build_discriminator, images, power_vectors
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
@@ -223,3 +227,50 @@ def test_direct_op_call_with_a_tangent_raises(op):
                     dual, torch.ones(3, dtype=torch.float64), torch.ones(12, dtype=torch.float64),
                     torch.ones(4, dtype=torch.float64), torch.ones(9, dtype=torch.float64), 1, 1e-12, 1.0, True,
                 )
+
+
+# ---------------------------------------------------------------------------
+# torch.func.functional_call of the modules
+
+
+@pytest.mark.parametrize("make", [bsn_cuda.spectral_norm, TORCH_SN], ids=["ours", "torch"])
+def test_functional_call_updates_the_passed_buffers_like_torch(make):
+    """With buffers in the dict, the power iteration updates the dict's tensors in
+    place and leaves the module's own buffers alone; without them, the module's
+    buffers are updated. The same for torch's SN and ours."""
+    torch.manual_seed(5)
+    layer = make(nn.Linear(5, 4))
+    state = {k: t.detach().clone() for k, t in layer.state_dict().items()}
+    state["parametrizations.weight.original"] = state["parametrizations.weight.original"] * 1.5 + 0.1
+    module_vectors = power_vectors(layer)
+    dict_u = state["parametrizations.weight.0._u"]
+    dict_u_before = dict_u.clone()
+    x = torch.randn(3, 5)
+    out = functional_call(layer, state, (x,))
+    assert state["parametrizations.weight.0._u"] is dict_u and not torch.equal(dict_u, dict_u_before)
+    assert_equal_dicts(power_vectors(layer), module_vectors, "module buffers")
+    # The output is the function of the passed weight and the updated vectors.
+    w = state["parametrizations.weight.original"]
+    sigma = dict_u @ w @ state["parametrizations.weight.0._v"]
+    torch.testing.assert_close(out, x @ (w / sigma).T + state["bias"])
+
+    params_only = {"parametrizations.weight.original": w}
+    functional_call(layer, params_only, (x,))
+    assert not torch.equal(layer.parametrizations.weight[0]._u, module_vectors["parametrizations.weight.0._u"])
+
+
+def test_functional_call_with_grad_through_params_dict():
+    model = build_discriminator("mixed")
+    params = {k: p.detach().clone().requires_grad_() for k, p in model.named_parameters()}
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    reference_model = copy.deepcopy(model)
+    x = images(0)
+    out = functional_call(model, (params, buffers), (x,))
+    out_ref = reference_model(x)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    out.sum().backward()
+    out_ref.sum().backward()
+    for (k, p), q in zip(reference_model.named_parameters(), params.values()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=k)
+    for k, b in reference_model.named_buffers():
+        torch.testing.assert_close(buffers[k], b, rtol=0, atol=0, msg=k)

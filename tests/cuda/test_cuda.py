@@ -1,7 +1,7 @@
 """The CUDA kernels of the fused ops (torch.ops.bsn_cuda.* on CUDA tensors).
 
 Skipped as a whole without a GPU or without the CUDA kernels (CPU-only build).
-tests/test_ops.py already runs its reference comparisons on every device; this
+tests/ops/test_numerics.py already runs its reference comparisons on every device; this
 file adds what is specific to the CUDA backend:
 
 * CUDA op == reference == CPU op (per-dtype tolerances): SN along every dim,
@@ -10,133 +10,45 @@ file adds what is specific to the CUDA backend:
   forced with BSN_CUDA_MODE) are bitwise identical on shapes that take every
   code path (a warp or the block per row, shared or global accumulators, ...);
 * bitwise determinism run after run, a BigGAN-sized weight included;
-* CUDA graph capture and replay == eager (buffers included), and
-  torch.compile(mode="reduce-overhead");
+* CUDA graph capture and replay == eager (buffers included); (whole models
+  under torch.compile(mode="reduce-overhead"): tests/training/test_compile.py);
 * gradcheck (float64), opcheck, odd shapes, non-contiguous weights, NaN and
   zero weights, 64-bit offsets (> 2^31 elements when the GPU has the memory).
 
 Tolerances are relative to the largest magnitude of the expected tensor, as in
-test_ops.py.
+tests/ops/test_numerics.py.
 """
-
-import contextlib
-import copy
-import os
-import zlib
 
 import pytest
 import torch
 from conftest import assert_close
+from cuda_helpers import (
+    acc_dtype,
+    assert_equal,
+    cuda_kernels_registered,
+    cuda_mode,
+    dims_of,
+    environment,
+    make_vectors,
+    numel,
+    op_backward,
+    op_forward,
+    ref_backward,
+    ref_forward,
+    seed_of,
+    unit,
+)
 
-import bsn_cuda
-from bsn_cuda import _ops, reference
-
-_OP_NAMES = ("sn_forward", "sn_backward", "bsn_forward", "bsn_backward")
-
-
-def _cuda_kernels_registered():
-    return bsn_cuda.HAS_EXTENSION and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"bsn_cuda::{name}", "CUDA") for name in _OP_NAMES
-    )
-
+from bsn_cuda import _ops
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
-if not _cuda_kernels_registered():
+if not cuda_kernels_registered():
     pytest.skip("the bsn_cuda CUDA kernels are not registered (CPU-only build)", allow_module_level=True)
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODES = ("single", "coop", "multi")
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@contextlib.contextmanager
-def cuda_mode(mode):
-    """Force a launch mode (read by the host code at every call)."""
-    old = os.environ.get("BSN_CUDA_MODE")
-    os.environ["BSN_CUDA_MODE"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("BSN_CUDA_MODE", None)
-        else:
-            os.environ["BSN_CUDA_MODE"] = old
-
-
-def assert_equal(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), f"{what}: not bitwise equal"
-
-
-def unit(n, dtype, device, gen):
-    x = torch.randn(n, dtype=torch.float64, generator=gen)
-    return (x / x.norm()).to(device, dtype)
-
-
-def numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def make_vectors(shape, dims, dtype, device, gen, warm=0, weight=None):
-    """Unit vectors per matricization, optionally `warm` reference power
-    iterations on `weight` (in float64 on the CPU), as in training."""
-    vectors = []
-    w = weight.detach().double().cpu() if weight is not None else None
-    for d in dims:
-        m = shape[d]
-        u = unit(m, torch.float64, "cpu", gen)
-        v = unit(numel(shape) // m, torch.float64, "cpu", gen)
-        if warm:
-            reference.sn_forward(w, u, v, d, warm, 1e-12, 1.0, True)
-        vectors += [u.to(device, dtype), v.to(device, dtype)]
-    return vectors
-
-
-def dims_of(kind, shape, dim):
-    return (dim % len(shape),) if kind == "sn" else (0, 1)
-
-
-def forward(kind, fn_sn, fn_bsn, weight, vectors, dim, n, scale, update):
-    vecs = [t.clone() for t in vectors]
-    if kind == "sn":
-        out, state = fn_sn(weight, *vecs, dim, n, 1e-12, scale, update)
-    else:
-        out, state = fn_bsn(weight, *vecs, n, 1e-12, scale, update)
-    return out, state, vecs
-
-
-def op_forward(kind, weight, vectors, dim=0, n=1, scale=1.0, update=True):
-    return forward(kind, torch.ops.bsn_cuda.sn_forward, torch.ops.bsn_cuda.bsn_forward, weight, vectors, dim, n, scale, update)
-
-
-def ref_forward(kind, weight, vectors, dim=0, n=1, scale=1.0, update=True):
-    return forward(kind, reference.sn_forward, reference.bsn_forward, weight, vectors, dim, n, scale, update)
-
-
-def op_backward(kind, grad, weight, state, dim=0, scale=1.0):
-    if kind == "sn":
-        return torch.ops.bsn_cuda.sn_backward(grad, weight, state, dim, scale)
-    return torch.ops.bsn_cuda.bsn_backward(grad, weight, state, scale)
-
-
-def ref_backward(kind, grad, weight, state, dim=0, scale=1.0):
-    if kind == "sn":
-        return reference.sn_backward(grad, weight, state, dim, scale)
-    return reference.bsn_backward(grad, weight, state, scale)
-
-
-def seed_of(*key):
-    # crc32 of the case's repr: the same seed in every process (hash() of
-    # strings is salted per process), so a failure reproduces.
-    return zlib.crc32(repr(key).encode())
 
 
 # ---------------------------------------------------------------------------
@@ -245,19 +157,10 @@ def test_launch_modes_are_bitwise_identical(dtype):
             assert_equal(state, results[0][1], f"{kind} {list(shape)} auto state")
 
 
-@contextlib.contextmanager
 def refused_cooperative_launches():
     """Make the driver refuse every cooperative launch (launch.cu asks for one
     block more than can be co-resident), as under MPS."""
-    old = os.environ.get("BSN_CUDA_TEST_COOP_OVERSUBSCRIBE")
-    os.environ["BSN_CUDA_TEST_COOP_OVERSUBSCRIBE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("BSN_CUDA_TEST_COOP_OVERSUBSCRIBE", None)
-        else:
-            os.environ["BSN_CUDA_TEST_COOP_OVERSUBSCRIBE"] = old
+    return environment("BSN_CUDA_TEST_COOP_OVERSUBSCRIBE", "1")
 
 
 def cuda_kernel_names(fn):
@@ -352,7 +255,7 @@ def test_other_streams_and_devices_guard():
 
 
 # ---------------------------------------------------------------------------
-# CUDA graphs and torch.compile
+# CUDA graph capture and replay
 
 
 def _graph_case(kind, shape, dim, mode):
@@ -402,42 +305,6 @@ def test_cuda_graph_replay_matches_eager(kind, shape, dim, mode):
 def test_cuda_graph_replay_matches_eager_large():
     _graph_case("bsn", (1024, 512, 3, 3), None, "auto")
     _graph_case("sn", (1024, 512, 3, 3), 1, "auto")
-
-
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def test_torch_compile_reduce_overhead_matches_eager(no_tf32):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    eager = torch.nn.Sequential(
-        bsn_cuda.bidirectional_spectral_norm(torch.nn.Conv2d(8, 16, 3, padding=1), n_power_iterations=2),
-        torch.nn.LeakyReLU(0.2),
-        bsn_cuda.spectral_norm(torch.nn.Conv2d(16, 16, 3, padding=1)),
-        torch.nn.Flatten(),
-        bsn_cuda.spectral_norm(torch.nn.Linear(16 * 8 * 8, 1), scale=1.5),
-    ).to(DEV)
-    model = copy.deepcopy(eager)
-    compiled = torch.compile(model, mode="reduce-overhead")
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        x = torch.randn(4, 8, 8, 8, generator=gen).to(DEV)
-        out_eager = eager(x)
-        out_compiled = compiled(x)
-        torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-5)
-        out_eager.square().mean().backward()
-        out_compiled.square().mean().backward()
-    torch.cuda.synchronize()
-    for (name, a), (_, b) in zip(model.named_buffers(), eager.named_buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"buffer {name}")
-    for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
 
 
 # ---------------------------------------------------------------------------

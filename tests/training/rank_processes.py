@@ -1,7 +1,8 @@
-"""Running a test file as WORLD_SIZE gloo processes (tests/test_distributed.py, tests/test_fsdp.py).
+"""Running a test file as WORLD_SIZE gloo processes (test_distributed.py, test_fsdp.py).
 
 Each rank runs ``python <test file> rank world_size store_path out_dir`` and
-saves its records to ``out_dir/rank{rank}.pt``.
+saves its records to ``out_dir/rank{rank}.pt``: per step the loss, the
+parameters and the vectors.
 """
 
 import os
@@ -9,13 +10,14 @@ import subprocess
 import sys
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT as ROOT
 
 
 def run_ranks(script, world_size, tmp):
     """Start the ranks, wait for them (failing with a rank's output), return their records."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The repository (bsn_cuda) and tests/ (conftest and the shared helpers the workers import).
+    path = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     if os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     store = tmp / "store"
@@ -52,3 +54,18 @@ def assert_ranks_in_sync(per_rank):
                 assert a[part].keys() == b[part].keys()
                 for key in a[part]:
                     assert torch.equal(a[part][key], b[part][key]), f"step {step}: {key} differs between ranks"
+
+
+def assert_matches_single_process(per_rank, expected):
+    """Losses averaged over the ranks, rank 0's parameters and vectors equal a
+    single-process run on the whole batch, step by step, up to the rounding of
+    the gradient reduction (float64, 1e-10)."""
+    tol = dict(rtol=1e-10, atol=1e-12)
+    for step, want in enumerate(expected):
+        loss = sum(records[step]["loss"] for records in per_rank) / len(per_rank)
+        torch.testing.assert_close(loss, want["loss"], **tol, msg=f"step {step}: loss")
+        got = per_rank[0][step]
+        for part in ("params", "vectors"):
+            assert got[part].keys() == want[part].keys()
+            for key in want[part]:
+                torch.testing.assert_close(got[part][key], want[part][key], **tol, msg=f"step {step}: {key}")

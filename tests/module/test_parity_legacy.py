@@ -25,20 +25,33 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradcheck
 
-from parity_helpers import IMPLS, assert_close, legacy_api, run_scenario, same_storage, swap_module_params
+from parity_helpers import (
+    IMPLS,
+    assert_close,
+    check_non_strict_loading,
+    checkpoint_and_new_module,
+    eval_after_training,
+    legacy_api,
+    linear_state_dict,
+    replay,
+    run_scenario,
+    same_storage,
+    sn_linear,
+    swap_module_params,
+    train_eval_forwards,
+)
 
 pytestmark = pytest.mark.parametrize("impl", IMPLS)
 
 
-def _linear(api, n_in=3, n_out=4, dtype=torch.float64, requires_grad=True, **kwargs):
-    m = nn.Linear(n_in, n_out, dtype=dtype)
-    m.weight.requires_grad_(requires_grad)
-    return api.spectral_norm(m, **kwargs)
+def _drop_sn_metadata(state_dict):
+    """Remove the spectral_norm version entry (checkpoints of torch < 1.0 have none)."""
+    del state_dict._metadata[""]["spectral_norm"]
 
 
 def test_registration_structure(impl):
     def scenario(api):
-        m = _linear(api, 5, 7)
+        m = sn_linear(api, 5, 7)
         assert m.weight_u.shape == (7,) and m.weight_v.shape == (5,)
         assert "weight_orig" in m._parameters and isinstance(m.weight_orig, nn.Parameter)
         assert "weight_u" in m._buffers and "weight_v" in m._buffers
@@ -64,7 +77,7 @@ def test_registration_structure(impl):
 
 def test_remove_restores_a_parameter(impl):
     def scenario(api):
-        m = _linear(api, 5, 7)
+        m = sn_linear(api, 5, 7)
         x = torch.randn(2, 5, dtype=torch.float64)
         for _ in range(3):
             out = m(x)
@@ -89,7 +102,7 @@ def test_remove_restores_a_parameter(impl):
 
 def test_removed_module_loads_a_plain_checkpoint(impl):
     api = legacy_api(impl)
-    m = api.remove_spectral_norm(_linear(api))
+    m = api.remove_spectral_norm(sn_linear(api))
     plain = nn.Linear(3, 4, dtype=torch.float64).state_dict()
     if impl == "torch":
         # torch bug (2.x): remove_spectral_norm misses its load_state_dict pre-hook (stored
@@ -103,7 +116,7 @@ def test_removed_module_loads_a_plain_checkpoint(impl):
 
 def test_two_hooks_on_one_weight_raise(impl):
     api = legacy_api(impl)
-    m = _linear(api)
+    m = sn_linear(api)
     with pytest.raises(RuntimeError, match="register two spectral_norm hooks"):
         api.spectral_norm(m)
     # Another name of the same module is fine.
@@ -116,7 +129,7 @@ def test_two_hooks_on_one_weight_raise(impl):
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_training_updates_vectors_and_gradient_reaches_weight_orig(impl, requires_grad):
     def scenario(api):
-        m = _linear(api, requires_grad=requires_grad)
+        m = sn_linear(api, requires_grad=requires_grad)
         u0, v0 = m.weight_u.clone(), m.weight_v.clone()
         x = torch.randn(2, 3, dtype=torch.float64)
         out = m(x)
@@ -132,7 +145,7 @@ def test_training_updates_vectors_and_gradient_reaches_weight_orig(impl, require
 
 
 def test_gradcheck_through_repeated_forwards(impl):
-    m = _linear(legacy_api(impl))
+    m = sn_linear(legacy_api(impl))
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     m(x)
     saved_u, saved_v = m.weight_u.clone(), m.weight_v.clone()
@@ -151,11 +164,7 @@ def test_gradcheck_through_repeated_forwards(impl):
 
     def mixed_modes(x):
         reset()
-        outs = []
-        for training in (True, False, True, False):
-            m.train(training)
-            outs.append(m(x))
-        return sum(outs)
+        return train_eval_forwards(m, x)
 
     assert gradcheck(mixed_modes, (x,), check_batched_grad=False)
     m.eval()
@@ -164,25 +173,15 @@ def test_gradcheck_through_repeated_forwards(impl):
 
 def test_eval_reuses_last_training_vectors(impl):
     def scenario(api):
-        m = _linear(api)
-        x = torch.randn(2, 3, dtype=torch.float64)
-        m(x)
-        last_train = m(x)
-        u, v = m.weight_u.clone(), m.weight_v.clone()
-        m.zero_grad()
-        m.eval()
-        first_eval = m(x)
-        assert_close(first_eval, last_train, "eval vs last training output")
-        assert torch.equal(m(x), first_eval)
-        assert torch.equal(m.weight_u, u) and torch.equal(m.weight_v, v)
-        return {"train": last_train, "eval": first_eval, "u": u, "v": v}
+        m = sn_linear(api)
+        return eval_after_training(m, lambda: (m.weight_u, m.weight_v))
 
     run_scenario(impl, legacy_api, scenario)
 
 
 def test_training_forward_is_one_v_first_power_iteration(impl):
     def scenario(api):
-        m = _linear(api, 5, 7)
+        m = sn_linear(api, 5, 7)
         x = torch.randn(3, 5, dtype=torch.float64)
         w = m.weight_orig.detach()
         # Our own formula, in the legacy order: v from the stored u, then u from v.
@@ -243,44 +242,18 @@ def test_state_dict_keys_and_version_metadata(impl):
 @pytest.mark.parametrize("forwards_before_save", [0, 3])
 def test_state_dict_loading_and_torch_before_1_0_checkpoints(impl, forwards_before_save):
     def scenario(api):
-        x = torch.randn(2, 3)
-        m = api.spectral_norm(nn.Linear(3, 5))
-        for _ in range(forwards_before_save):
-            m(x)
-        state = copy.deepcopy(m.state_dict())
+        x, m, state = linear_state_dict(api, forwards_before_save)
         assert set(state) == {"weight_orig", "bias", "weight_u", "weight_v"}
-
-        loose = copy.deepcopy(state)
-        loose["nonsense"] = "nonsense"
-        with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "nonsense"'):
-            m.load_state_dict(loose, strict=True)
-        m.load_state_dict(loose, strict=False)
-        for key in ("weight_orig", "weight_u", "weight_v"):
-            del loose[key]
-            m.load_state_dict(loose, strict=False)
-        loose["weight"] = m.weight.detach().clone()
-        m.load_state_dict(loose, strict=False)
-        del loose._metadata[""]["spectral_norm"]
-        m.load_state_dict(loose, strict=False)
-        del loose["weight"], loose["bias"]
-        m.load_state_dict(loose, strict=False)
+        check_non_strict_loading(m, state, ("weight_orig", "weight_u", "weight_v"), _drop_sn_metadata)
 
         # A checkpoint of torch < 1.0: no version, no weight_v, the normalized weight stored.
         old = copy.deepcopy(state)
-        del old._metadata[""]["spectral_norm"], old["weight_v"]
+        _drop_sn_metadata(old)
+        del old["weight_v"]
         old["weight"] = m.weight.detach().clone()
         # A current checkpoint that lost its metadata (user-built) still loads as current.
         no_meta = copy.deepcopy(state)
-        del no_meta._metadata[""]["spectral_norm"]
-
-        def replay(module):
-            with torch.no_grad():
-                module.eval()
-                outs = [module(x)]
-                module.train()
-                outs += [module(x), module(x)]
-                module.eval()
-                return outs + [module(x)]
+        _drop_sn_metadata(no_meta)
 
         def reload(module, checkpoint):
             # Removing and re-registering does not matter: the loaded state decides.
@@ -290,13 +263,13 @@ def test_state_dict_loading_and_torch_before_1_0_checkpoints(impl, forwards_befo
             return module
 
         m = reload(m, state)
-        expected = replay(m)
+        expected = replay(m, x)
         m = reload(m, no_meta)
-        for got, want in zip(replay(m), expected):
+        for got, want in zip(replay(m, x), expected):
             assert torch.equal(got, want)
         m = reload(m, old)
         solved_v = m.weight_v.clone()
-        old_outs = replay(m)
+        old_outs = replay(m, x)
         if forwards_before_save > 0:
             # The stored weight came from a forward with these u, v: v is recovered up to rounding.
             for got, want in zip(old_outs, expected):
@@ -317,13 +290,7 @@ def test_state_dict_loading_and_torch_before_1_0_checkpoints(impl, forwards_befo
 def test_load_state_dict_assign(impl, swap, meta_init):
     def scenario(api):
         with swap_module_params(swap):
-            x = torch.randn(2, 3)
-            src = api.spectral_norm(nn.Linear(3, 5))
-            src(x)
-            state = copy.deepcopy(src.state_dict())
-            # A module built on the meta device (no memory, no values) gets its tensors from the checkpoint.
-            with torch.device("meta" if meta_init else "cpu"):
-                dst = api.spectral_norm(nn.Linear(3, 5))
+            x, src, state, dst = checkpoint_and_new_module(api, meta_init)
             dst.load_state_dict(state, assign=True)
             assert isinstance(dst.weight_orig, nn.Parameter) and not dst.weight_orig.is_meta
             for key in ("weight_orig", "weight_u", "weight_v"):
@@ -354,7 +321,7 @@ def test_conv_transpose_uses_dim_1(impl):
 
 def test_pickle_and_deepcopy(impl):
     def scenario(api):
-        m = _linear(api, 5, 7)
+        m = sn_linear(api, 5, 7)
         x = torch.randn(2, 5, dtype=torch.float64)
         with torch.no_grad():  # a training forward; weight stays a leaf, which deepcopy needs
             m(x)

@@ -1,6 +1,6 @@
 """The CUDA backend's launch plans (csrc/cuda/plan.cpp), tested on the CPU.
 
-tests/cuda_plan_dump.cpp is built with the host compiler against plan.cpp and
+tests/cuda/cuda_plan_dump.cpp is built with the host compiler against plan.cpp and
 prints plans as JSON. They are checked against an independent Python account
 of the rules (chunks, items, shared memory, mode, launches and barriers) for
 every layer of every benchmark suite on an H100/H200, and for invariants
@@ -17,10 +17,10 @@ import subprocess
 
 import pytest
 import torch
+from conftest import REPO_ROOT as ROOT
 
 from bsn_cuda.benchmark import SUITES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_DIR = os.path.dirname(torch.__file__)
 
 # Constants of csrc/cuda/plan.h.
@@ -41,7 +41,7 @@ def plan_dump(tmp_path_factory):
         pytest.skip("no C++ compiler")
     exe = str(tmp_path_factory.mktemp("plans") / "cuda_plan_dump")
     cmd = [cxx, "-std=c++20", "-O1", "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(TORCH_DIR, "include"),
-           os.path.join(ROOT, "tests", "cuda_plan_dump.cpp"), os.path.join(ROOT, "csrc", "cuda", "plan.cpp"),
+           os.path.join(ROOT, "tests", "cuda", "cuda_plan_dump.cpp"), os.path.join(ROOT, "csrc", "cuda", "plan.cpp"),
            "-o", exe, "-L" + os.path.join(TORCH_DIR, "lib"), "-lc10", "-Wl,-rpath," + os.path.join(TORCH_DIR, "lib")]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 

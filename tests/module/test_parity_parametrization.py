@@ -23,7 +23,20 @@ from torch import nn
 from torch.autograd import gradcheck
 from torch.nn.utils import parametrize
 
-from parity_helpers import IMPLS, assert_close, param_api, run_scenario, swap_module_params
+from parity_helpers import (
+    IMPLS,
+    assert_close,
+    check_non_strict_loading,
+    checkpoint_and_new_module,
+    eval_after_training,
+    linear_state_dict,
+    param_api,
+    replay,
+    run_scenario,
+    sn_linear,
+    swap_module_params,
+    train_eval_forwards,
+)
 
 pytestmark = pytest.mark.parametrize("impl", IMPLS)
 
@@ -32,15 +45,9 @@ def _sn_module(m, name="weight"):
     return m.parametrizations[name][0]
 
 
-def _linear(api, n_in=5, n_out=7, dtype=torch.float64, requires_grad=True, **kwargs):
-    m = nn.Linear(n_in, n_out, dtype=dtype)
-    m.weight.requires_grad_(requires_grad)
-    return api.spectral_norm(m, **kwargs)
-
-
 def test_registration_structure(impl):
     def scenario(api):
-        m = _linear(api)
+        m = sn_linear(api, 5, 7)
         sn = _sn_module(m)
         assert sn._u.shape == (7,) and sn._v.shape == (5,)
         plist = m.parametrizations.weight
@@ -61,7 +68,7 @@ def test_registration_structure(impl):
 def test_remove_parametrizations(impl, leave_parametrized, swap):
     def scenario(api):
         with swap_module_params(swap):
-            m = _linear(api, 3, 4)
+            m = sn_linear(api, 3, 4)
             x = torch.randn(2, 3, dtype=torch.float64)
             original = m.parametrizations.weight.original
             raw = original.detach().clone()
@@ -117,7 +124,7 @@ def test_stacked_twice_and_on_bias(impl):
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_training_updates_vectors_and_gradient_reaches_original(impl, requires_grad):
     def scenario(api):
-        m = _linear(api, 3, 4, requires_grad=requires_grad)
+        m = sn_linear(api, 3, 4, requires_grad=requires_grad)
         sn = _sn_module(m)
         x = torch.randn(2, 3, dtype=torch.float64)
         u0, v0 = sn._u.clone(), sn._v.clone()
@@ -139,7 +146,7 @@ def test_training_updates_vectors_and_gradient_reaches_original(impl, requires_g
 
 
 def test_gradcheck_through_repeated_training_forwards(impl):
-    m = _linear(param_api(impl), 3, 4)
+    m = sn_linear(param_api(impl), 3, 4)
     sn = _sn_module(m)
     saved_u, saved_v = sn._u.clone(), sn._v.clone()
 
@@ -157,11 +164,7 @@ def test_gradcheck_through_repeated_training_forwards(impl):
     def mixed_modes(x):
         sn._u.copy_(saved_u)
         sn._v.copy_(saved_v)
-        outs = []
-        for training in (True, False, True, False):
-            m.train(training)
-            outs.append(m(x))
-        return sum(outs)
+        return train_eval_forwards(m, x)
 
     assert gradcheck(mixed_modes, (x,), check_batched_grad=False)
     m.eval()
@@ -170,18 +173,8 @@ def test_gradcheck_through_repeated_training_forwards(impl):
 
 def test_eval_reuses_last_training_vectors(impl):
     def scenario(api):
-        m = _linear(api, 3, 4)
-        sn = _sn_module(m)
-        x = torch.randn(2, 3, dtype=torch.float64)
-        m(x)
-        last_train = m(x)
-        u, v = sn._u.clone(), sn._v.clone()
-        m.eval()
-        first_eval = m(x)
-        assert_close(first_eval, last_train, "eval vs last training output")
-        assert torch.equal(m(x), first_eval)
-        assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
-        return {"train": last_train, "eval": first_eval, "u": u, "v": v}
+        m = sn_linear(api, 3, 4)
+        return eval_after_training(m, lambda: (_sn_module(m)._u, _sn_module(m)._v))
 
     run_scenario(impl, param_api, scenario)
 
@@ -194,47 +187,20 @@ KEYS = {"parametrizations.weight.original", "bias", "parametrizations.weight.0._
 def test_state_dict_keys_and_loading(impl, swap, forwards_before_save):
     def scenario(api):
         with swap_module_params(swap):
-            x = torch.randn(2, 3)
-            m = api.spectral_norm(nn.Linear(3, 5))
-            for _ in range(forwards_before_save):
-                m(x)
-            state = copy.deepcopy(m.state_dict())
+            x, m, state = linear_state_dict(api, forwards_before_save)
             assert set(state.keys()) == KEYS
-
-            loose = copy.deepcopy(state)
-            loose["nonsense"] = "nonsense"
-            with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "nonsense"'):
-                m.load_state_dict(loose, strict=True)
-            # Non-strict loading accepts any subset, extra keys and missing metadata.
-            m.load_state_dict(loose, strict=False)
-            for key in ("parametrizations.weight.original", "parametrizations.weight.0._u", "parametrizations.weight.0._v"):
-                del loose[key]
-                m.load_state_dict(loose, strict=False)
-            loose["weight"] = m.weight.detach().clone()
-            m.load_state_dict(loose, strict=False)
-            del loose._metadata["parametrizations.weight.0"]
-            m.load_state_dict(loose, strict=False)
-            del loose["weight"], loose["bias"]
-            m.load_state_dict(loose, strict=False)
-
-            def replay(module):
-                with torch.no_grad():
-                    module.eval()
-                    outs = [module(x)]
-                    module.train()
-                    outs += [module(x), module(x)]
-                    module.eval()
-                    return outs + [module(x)]
+            sn_keys = ("parametrizations.weight.original", "parametrizations.weight.0._u", "parametrizations.weight.0._v")
+            check_non_strict_loading(m, state, sn_keys, lambda sd: sd._metadata.pop("parametrizations.weight.0"))
 
             # Removing and re-registering does not matter: the loaded state decides.
             parametrize.remove_parametrizations(m, "weight")
             m = api.spectral_norm(m)
             m.load_state_dict(state)
-            first = replay(m)
+            first = replay(m, x)
             parametrize.remove_parametrizations(m, "weight")
             m = api.spectral_norm(m)
             m.load_state_dict(state)
-            second = replay(m)
+            second = replay(m, x)
             for a, b in zip(first, second):
                 assert torch.equal(a, b)
             return first
@@ -262,7 +228,7 @@ def test_conv_transpose_uses_dim_1(impl):
 
 def test_training_forward_is_one_power_iteration_then_division(impl):
     def scenario(api):
-        m = _linear(api)
+        m = sn_linear(api, 5, 7)
         sn = _sn_module(m)
         x = torch.randn(3, 5, dtype=torch.float64)
         w = m.parametrizations.weight.original.detach()
@@ -323,7 +289,7 @@ def test_complex_weights_train_and_eval(impl, dtype):
 
 def test_cached_evaluates_once(impl):
     def scenario(api):
-        m = _linear(api, 4, 6)
+        m = sn_linear(api, 4, 6)
         sn = _sn_module(m)
         x = torch.randn(2, 4, dtype=torch.float64)
         reference = copy.deepcopy(sn)
@@ -348,13 +314,7 @@ def test_cached_evaluates_once(impl):
 def test_load_state_dict_assign(impl, swap, meta_init):
     def scenario(api):
         with swap_module_params(swap):
-            x = torch.randn(2, 3)
-            src = api.spectral_norm(nn.Linear(3, 5))
-            src(x)
-            state = copy.deepcopy(src.state_dict())
-            # A module built on the meta device (no memory, no values) gets its tensors from the checkpoint.
-            with torch.device("meta" if meta_init else "cpu"):
-                dst = api.spectral_norm(nn.Linear(3, 5))
+            x, src, state, dst = checkpoint_and_new_module(api, meta_init)
             assert dst.parametrizations.weight.original.is_meta == meta_init
             dst.load_state_dict(state, assign=True)
             original = dst.parametrizations.weight.original

@@ -1,4 +1,4 @@
-"""Shared pieces of the drop-in parity tests (tests/test_parity_*.py).
+"""Shared pieces of the drop-in parity tests (test_parity_*.py).
 
 Every parity test runs once per implementation: ``impl="torch"`` runs torch's
 own spectral norm (this checks that the test states torch's behaviour
@@ -12,12 +12,13 @@ one attribute lookup each.
 """
 
 import contextlib
+import copy
 import importlib
 import types
 
 import pytest
 import torch
-
+from torch import nn
 
 BSN_UTILS = importlib.import_module("bsn_cuda.nn.utils")
 
@@ -114,3 +115,89 @@ def swap_module_params(enabled):
 
 def same_storage(a, b):
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def replay(module, x):
+    """Outputs of eval, two training and another eval forward (no grad): what a loaded state gives."""
+    with torch.no_grad():
+        module.eval()
+        outs = [module(x)]
+        module.train()
+        outs += [module(x), module(x)]
+        module.eval()
+        return outs + [module(x)]
+
+
+def checkpoint_and_new_module(api, meta_init):
+    """An input x, a Linear(3, 5) with SN after one forward on it, a copy of its
+    state_dict, and a new one of the same kind to load it into, built on the
+    meta device (no memory, no values: all from the checkpoint) or the CPU."""
+    x = torch.randn(2, 3)
+    src = api.spectral_norm(nn.Linear(3, 5))
+    src(x)
+    state = copy.deepcopy(src.state_dict())
+    with torch.device("meta" if meta_init else "cpu"):
+        dst = api.spectral_norm(nn.Linear(3, 5))
+    return x, src, state, dst
+
+
+def sn_linear(api, n_in=3, n_out=4, dtype=torch.float64, requires_grad=True, **kwargs):
+    """A Linear(n_in, n_out) with ``api``'s spectral norm."""
+    m = nn.Linear(n_in, n_out, dtype=dtype)
+    m.weight.requires_grad_(requires_grad)
+    return api.spectral_norm(m, **kwargs)
+
+
+def train_eval_forwards(m, x):
+    """The sum of a training, an eval, a training and an eval output (for gradcheck across modes)."""
+    outs = []
+    for training in (True, False, True, False):
+        m.train(training)
+        outs.append(m(x))
+    return sum(outs)
+
+
+def linear_state_dict(api, forwards):
+    """An input x, a Linear(3, 5) with SN after ``forwards`` forwards on it, and a copy of its state_dict."""
+    x = torch.randn(2, 3)
+    m = api.spectral_norm(nn.Linear(3, 5))
+    for _ in range(forwards):
+        m(x)
+    return x, m, copy.deepcopy(m.state_dict())
+
+
+def check_non_strict_loading(m, state, sn_keys, drop_metadata):
+    """torch's rules for loading into ``m``: strict loading refuses an unknown key;
+    non-strict loading accepts it, any subset of the SN tensors ``sn_keys``, an
+    extra "weight", a state_dict without SN's metadata (``drop_metadata(sd)``
+    removes it) and one without weight and bias."""
+    loose = copy.deepcopy(state)
+    loose["nonsense"] = "nonsense"
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "nonsense"'):
+        m.load_state_dict(loose, strict=True)
+    m.load_state_dict(loose, strict=False)
+    for key in sn_keys:
+        del loose[key]
+        m.load_state_dict(loose, strict=False)
+    loose["weight"] = m.weight.detach().clone()
+    m.load_state_dict(loose, strict=False)
+    drop_metadata(loose)
+    m.load_state_dict(loose, strict=False)
+    del loose["weight"], loose["bias"]
+    m.load_state_dict(loose, strict=False)
+
+
+def eval_after_training(m, vectors):
+    """Two training forwards, then eval forwards of ``m`` (a Linear(3, 4) with SN;
+    ``vectors()`` gives its u and v): the first eval output equals the last
+    training one (up to rounding), the next equals it exactly, u and v stay."""
+    x = torch.randn(2, 3, dtype=torch.float64)
+    m(x)
+    last_train = m(x)
+    u, v = (t.clone() for t in vectors())
+    m.eval()
+    first_eval = m(x)
+    assert_close(first_eval, last_train, "eval vs last training output")
+    assert torch.equal(m(x), first_eval)
+    assert all(torch.equal(a, b) for a, b in zip(vectors(), (u, v)))
+    return {"train": last_train, "eval": first_eval, "u": u, "v": v}
