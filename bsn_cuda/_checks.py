@@ -13,6 +13,8 @@ import numbers
 import torch
 from torch import nn
 
+from ._contract import FLOATING_DTYPES
+
 __all__ = [
     "check_tensor",
     "check_int",
@@ -29,8 +31,8 @@ __all__ = [
     "REAL_DTYPES",
 ]
 
-#: Weight dtypes the fused ops take.
-REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: Weight dtypes the fused ops take (the ops' contract).
+REAL_DTYPES = FLOATING_DTYPES
 
 
 def check_tensor(name, value, allow_none=False):

@@ -29,8 +29,7 @@ def _inputs(shape, dtype, seed, layout="contiguous"):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(shape, generator=g, dtype=dtype)
     if layout == "transposed" and weight.dim() >= 2:  # a non-contiguous weight of the same shape
-        weight = torch.randn(tuple(reversed(shape)), generator=g, dtype=dtype).t() if weight.dim() == 2 else \
-            torch.randn(shape[1], shape[0], *shape[2:], generator=g, dtype=dtype).transpose(0, 1)
+        weight = torch.randn(shape[1], shape[0], *shape[2:], generator=g, dtype=dtype).transpose(0, 1)
     if layout == "channels_last" and weight.dim() == 4:
         weight = weight.contiguous(memory_format=torch.channels_last)
     rows, cols = shape[0], weight.numel() // shape[0]
@@ -40,7 +39,7 @@ def _inputs(shape, dtype, seed, layout="contiguous"):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
 @pytest.mark.parametrize("update", [True, False])
 def test_matches_the_composed_op_bitwise(shape, dtype, layout, update):
