@@ -606,9 +606,11 @@ void backward(const BackwardParams& p) {
   if (p.num_pairs == 1) {
     // Segments of R contiguous elements: W[p, m, :] has dsigma/dW = u[m] * v[p*R : p*R+R].
     const int64_t M = p.mat[0].rows, R = seg_len;
+    constexpr int64_t kBlock = 4096;  // R == 1: elements converted at a time
+    const int64_t buf_len = R == 1 ? kBlock : R;
     for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
-      A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(R);
-      A* const obuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(R);
+      A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(buf_len);
+      A* const obuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(buf_len);
       for (int64_t kk = c0; kk < c1; ++kk) {
         const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
         const int64_t s1 = std::min(segments, chunks.begin(ch + 1));
@@ -617,7 +619,21 @@ void backward(const BackwardParams& p) {
         for (int64_t s = chunks.begin(ch); s < s1;) {
           const int64_t pp = s / M, m = s % M;
           const int64_t run = std::min(s1, (pp + 1) * M) - s;
-          if constexpr (std::is_same_v<T, A>) {
+          if (R == 1) {
+            // Segments of one element (a [1, N] weight along dim 1, e.g. the legacy
+            // flavour's final Linear(N, 1)): the run is one row, dW = a G - (k v[p]) u,
+            // one vector call rather than one call per element.
+            const A one = 1;
+            for (int64_t b = 0; b < run; b += kBlock) {
+              const int64_t n = std::min(kBlock, run - b);
+              A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + s + b) : obuf;
+              scaled_diff_rows(a, as_acc(g + s + b, n, gbuf), k * v0[pp], &one, u0 + m + b, out,
+                               int64_t{1}, n);
+              if constexpr (!std::is_same_v<T, A>) {
+                for (int64_t j = 0; j < n; ++j) dw[s + b + j] = static_cast<T>(obuf[j]);
+              }
+            }
+          } else if constexpr (std::is_same_v<T, A>) {
             scaled_diff_rows(a, g + s * R, k, u0 + m, v0 + pp * R, dw + s * R, run, R);
           } else {  // through acc-type buffers, one segment at a time
             for (int64_t j = 0; j < run; ++j) {
