@@ -174,10 +174,16 @@ class SNTransposedForward : public torch::autograd::Function<SNTransposedForward
     if (!grads[0].defined()) return weight_grad_only({}, kSNTransposedArgs);
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[0];
-    // Differentiable reshapes here (double backward records through them).
-    at::Tensor grad_weight = call_sn_backward(rows_matrix(grads[0]), rows_matrix(weight), saved[1],
-                                              /*dim=*/1, ctx->saved_data["scale"].toDouble());
-    return weight_grad_only(grad_weight.view(weight.sizes()), kSNTransposedArgs);
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto grad = [&] {
+      return call_sn_backward(rows_matrix(grads[0]), rows_matrix(weight), saved[1], /*dim=*/1, scale)
+          .view(weight.sizes());
+    };
+    if (at::GradMode::is_enabled()) {  // create_graph: double backward records through the reshapes
+      return weight_grad_only(grad(), kSNTransposedArgs);
+    }
+    at::AutoDispatchBelowADInplaceOrView no_view_tracking;  // plain aliases: nothing records
+    return weight_grad_only(grad(), kSNTransposedArgs);
   }
 };
 
