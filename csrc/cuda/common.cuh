@@ -124,11 +124,18 @@ struct Group<kThreads> {
   }
 };
 
-// Barrier between phases.
+// Barrier between phases. kMinBlocks: the fused forward kernel's
+// __launch_bounds__ minimum of resident blocks per SM, which sets ptxas's
+// register cap (65536 / (kThreads * kMinBlocks)). Single mode runs one block,
+// so occupancy is moot, and 1 lets ptxas use up to 255 registers (float64
+// spilled 148 bytes at the cap of 128 ptxas chose without it). Coop mode keeps
+// 2 blocks per SM (128 registers): its grid is every co-resident block.
 struct BlockSync {  // Single mode: the grid is one block
+  static constexpr int kMinBlocks = 1;
   static __device__ __forceinline__ void sync() { __syncthreads(); }
 };
 struct GridSync {  // Coop mode: launched with cudaLaunchCooperativeKernel
+  static constexpr int kMinBlocks = 2;
   static __device__ __forceinline__ void sync() { cooperative_groups::this_grid().sync(); }
 };
 

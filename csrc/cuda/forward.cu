@@ -522,9 +522,18 @@ __device__ void phase_d_eval(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, 
 
 
 // ---------------------------------------------------------------------------
-// Kernels.
+// Kernels. __launch_bounds__' second argument (blocks per SM that must fit)
+// sets ptxas's register cap (see common.cuh); without it ptxas picked caps of
+// its own (128 for the fused kernels, where float64 spilled; 64 with a spill
+// for float64's phase A eval). Phase A: 4 blocks per SM (64 registers; float64
+// 3, 80 registers: at 64 it spills), where its shared memory allows them.
+// The streaming phase kernels (B, C, B2, D) keep ptxas's choice (31-58
+// registers, 4-8 blocks per SM): a bound of 4 made ptxas use up to 64
+// registers there (fewer resident blocks, e.g. backward's dot 32 -> 42).
+template <typename scalar_t>
+constexpr int kMinBlocksA = sizeof(acc_t<scalar_t>) == 8 ? 3 : 4;
 template <typename scalar_t, class Sync>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, Sync::kMinBlocks)
     fused_forward_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
   BSN_SMEM_DECL(scalar_t);
   const int64_t bid = blockIdx.x;
@@ -559,7 +568,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, bool TRAIN, bool FROM_BUF>
-__global__ void __launch_bounds__(kThreads) phase_a_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksA<scalar_t>) phase_a_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
   BSN_SMEM_DECL(scalar_t);
   phase_a<scalar_t, TRAIN, FROM_BUF>(A, smem, blockIdx.x, gridDim.x);
 }
