@@ -45,6 +45,13 @@ __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 
+// 16 bytes of weight elements, for 128-bit loads of W's rows.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kN = 16 / static_cast<int>(sizeof(T));
+  T v[kN];
+};
+
 // max(x, eps) that propagates NaN like torch's clamp_min.
 template <typename T>
 __device__ __forceinline__ T clamp_eps(T x, T eps) {
