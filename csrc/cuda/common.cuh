@@ -45,6 +45,13 @@ __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 
+// 16 bytes of weight elements, for 128-bit loads of W's rows.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kN = 16 / static_cast<int>(sizeof(T));
+  T v[kN];
+};
+
 // max(x, eps) that propagates NaN like torch's clamp_min.
 template <typename T>
 __device__ __forceinline__ T clamp_eps(T x, T eps) {
@@ -124,11 +131,18 @@ struct Group<kThreads> {
   }
 };
 
-// Barrier between phases.
+// Barrier between phases. kMinBlocks: the fused forward kernel's
+// __launch_bounds__ minimum of resident blocks per SM, which sets ptxas's
+// register cap (65536 / (kThreads * kMinBlocks)). Single mode runs one block,
+// so occupancy is moot, and 1 lets ptxas use up to 255 registers (float64
+// spilled 148 bytes at the cap of 128 ptxas chose without it). Coop mode keeps
+// 2 blocks per SM (128 registers): its grid is every co-resident block.
 struct BlockSync {  // Single mode: the grid is one block
+  static constexpr int kMinBlocks = 1;
   static __device__ __forceinline__ void sync() { __syncthreads(); }
 };
 struct GridSync {  // Coop mode: launched with cudaLaunchCooperativeKernel
+  static constexpr int kMinBlocks = 2;
   static __device__ __forceinline__ void sync() { cooperative_groups::this_grid().sync(); }
 };
 

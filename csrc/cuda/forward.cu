@@ -11,6 +11,35 @@ namespace cuda {
 namespace {
 
 // ---------------------------------------------------------------------------
+// Block mode's walk over the columns of row x with 128-bit loads: a scalar
+// head up to the first 16-byte boundary (thread n takes column n < head), then
+// 16-byte vectors (thread lane takes vectors lane, lane + kThreads, ...; their
+// elements in order), then a scalar tail (thread n takes column tail + n). Which
+// thread takes which column, and in what order, depends only on cols and on
+// x's offset from a 16-byte boundary, never on the grid or the launch mode.
+// f(n, w): column n, its value as acc_t.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void for_row_vec(const scalar_t* __restrict__ x, int64_t cols, int lane,
+                                            F&& f) {
+  using V = Vec16<scalar_t>;
+  constexpr int kN = V::kN;
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) /
+                      static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t head = imin(mis == 0 ? 0 : kN - mis, cols);
+  const int64_t nvec = (cols - head) / kN;
+  const int64_t tail = head + nvec * kN;
+  if (lane < head) f(static_cast<int64_t>(lane), to_acc(x[lane]));
+  const V* __restrict__ xv = reinterpret_cast<const V*>(x + head);
+#pragma unroll 2
+  for (int64_t m = lane; m < nvec; m += kThreads) {
+    const V q = xv[m];
+#pragma unroll
+    for (int e = 0; e < kN; ++e) f(head + m * kN + e, to_acc(q.v[e]));
+  }
+  if (tail + lane < cols) f(tail + lane, to_acc(x[tail + lane]));
+}
+
+// ---------------------------------------------------------------------------
 // Phase A: the pass over W by rows (see the top of launch.cu). SMEM_ACC: the
 // accumulators live in shared memory (else in the workspace, block mode only),
 // fixed at compile time so that their loads and stores are shared-memory
@@ -125,10 +154,13 @@ __device__ void phase_a_impl(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, 
         }
       } else {
         // Block mode: long rows, the block reduces; x is read again from L1/L2.
+        // The row pair's loops walk x with 128-bit loads (for_row_vec); the
+        // columns of tacc change owners from row to row when rows are not
+        // 16-byte multiples, which is safe: allsum's barriers lie between
+        // one row's updates and the next's.
         if (has_row) {
           acc d = acc(0);
-#pragma unroll 8
-          for (int64_t n = lane; n < cols; n += GT) d = fma_rn(to_acc(x[n]), VR(n), d);
+          for_row_vec<scalar_t>(x, cols, lane, [&](int64_t n, acc w) { d = fma_rn(w, VR(n), d); });
           const acc s = G::allsum(d, bscr);
           if constexpr (TRAIN) {
             if (has_str) {
@@ -141,7 +173,8 @@ __device__ void phase_a_impl(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, 
                 if (r >= sr) r -= sr;
               }
             } else {
-              for (int64_t n = lane; n < cols; n += GT) tacc[n] = fma_rn(s, to_acc(x[n]), tacc[n]);
+              for_row_vec<scalar_t>(x, cols, lane,
+                                    [&](int64_t n, acc w) { tacc[n] = fma_rn(s, w, tacc[n]); });
             }
             if (lane == 0) {
               ws[P.w_s0 + i] = s;
@@ -522,9 +555,19 @@ __device__ void phase_d_eval(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, 
 
 
 // ---------------------------------------------------------------------------
-// Kernels.
+// Kernels. __launch_bounds__' second argument (blocks per SM that must fit)
+// sets ptxas's register cap (see common.cuh); without it ptxas picked caps of
+// its own (128 for the fused kernels, where float64 spilled; 64 with a spill
+// for float64's phase A eval). Phase A: 4 blocks per SM (64 registers; float64
+// 3, 80 registers: at 64 it spills), where its shared memory and its chunk
+// count allow them (at most kMaxChunksA chunks: 2 per SM on 132 SMs).
+// The streaming phase kernels (B, C, B2, D) keep ptxas's choice (31-58
+// registers, 4-8 blocks per SM): a bound of 4 made ptxas use up to 64
+// registers there (fewer resident blocks, e.g. backward's dot 32 -> 42).
+template <typename scalar_t>
+constexpr int kMinBlocksA = sizeof(acc_t<scalar_t>) == 8 ? 3 : 4;
 template <typename scalar_t, class Sync>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, Sync::kMinBlocks)
     fused_forward_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
   BSN_SMEM_DECL(scalar_t);
   const int64_t bid = blockIdx.x;
@@ -559,7 +602,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, bool TRAIN, bool FROM_BUF>
-__global__ void __launch_bounds__(kThreads) phase_a_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksA<scalar_t>) phase_a_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
   BSN_SMEM_DECL(scalar_t);
   phase_a<scalar_t, TRAIN, FROM_BUF>(A, smem, blockIdx.x, gridDim.x);
 }

@@ -86,10 +86,10 @@ def ref_fwd(w, vecs, bsn, dim, n_iter, eps, scale, update):
     return out, state, vecs
 
 
-def check_case(shape, bsn, dim, dt, n_iter, update, scale=1.3, modes=(("single", 2, 232448), ("coop", 2, 232448), ("multi", 2, 232448), ("coop", 5, 232448), ("multi", 1, 49152), ("coop-refused", 3, 232448)), weight=None):
+def check_case(shape, bsn, dim, dt, n_iter, update, scale=1.3, modes=(("single", 2, 232448), ("coop", 2, 232448), ("multi", 2, 232448), ("coop", 5, 232448), ("multi", 1, 49152), ("coop-refused", 3, 232448)), weight=None, vecs=None):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, bsn, dim)).encode()))
     w = weight if weight is not None else torch.randn(shape, dtype=torch.float64, generator=gen).to(dt)
-    vecs = vectors(shape, bsn, dim, dt, gen)
+    vecs = vecs if vecs is not None else vectors(shape, bsn, dim, dt, gen)
     ro, rs, rv = ref_fwd(w, vecs, bsn, dim, n_iter, 1e-12, scale, update)
     results = []
     for mode, sm, optin in modes:
@@ -126,6 +126,24 @@ def check_case(shape, bsn, dim, dt, n_iter, update, scale=1.3, modes=(("single",
     return base, results
 
 
+def check_offset_case(shape, bsn, dim, dt, n_iter, update, offset):
+    """W stored `offset` elements past its storage's start, so that its rows start
+    off a 16-byte boundary (block mode's 128-bit row walk: scalar head and tail);
+    checked against the reference and across modes like check_case."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, bsn, dim, offset)).encode()))
+    w = torch.randn(shape, dtype=torch.float64, generator=gen).to(dt)
+    buf = torch.empty(w.numel() + offset, dtype=dt)
+    buf[offset:] = w.flatten()
+    wo = buf[offset:].view(shape)
+    assert wo.data_ptr() % 16 == (offset * w.element_size()) % 16
+    vecs = vectors(shape, bsn, dim, dt, gen)
+    base, _ = check_case(shape, bsn, dim, dt, n_iter, update, weight=wo, vecs=vecs)
+    ro, rs, rv = ref_fwd(w, vecs, bsn, dim, n_iter, 1e-12, 1.3, update)
+    tag = f"offset {offset} {'bsn' if bsn else 'sn'} {shape} dim={dim} {dt} update={update}"
+    close(base[0], ro, dt, tag + " out")
+    close(base[1], rs, dt, tag + " state")
+
+
 SN = [((1, 1), 0), ((3, 5), 0), ((5, 3), 1), ((17, 33), -1), ((1, 100), 0), ((100, 1), 0), ((64, 27), 0), ((4, 3, 3, 3), 0),
       ((4, 3, 3, 3), 1), ((4, 3, 3, 3), -1), ((6, 5, 1, 1), 0), ((7, 3, 5), 1), ((3, 4, 5, 6), 2), ((2, 3, 4, 3, 2), 3),
       ((33, 65), 0), ((33, 65), 1), ((1000, 3), 0), ((1000, 3), 1), ((7, 5, 3, 3), 1), ((3, 5, 1, 1), 1), ((20, 300), 0),
@@ -137,6 +155,7 @@ BSN = [(1, 1, 3), (4, 3, 3, 3), (6, 5, 2), (3, 7, 3, 3), (5, 4, 1, 1), (2, 3, 4,
 if __name__ == "__main__":
     # --quick: float32, 12 shapes; --dtypes float64,bfloat16; --every K: every K-th shape
     # (a representative subset when the machine is busy); --bsn-only; -v: a line per case.
+    # Each dtype also runs the offset-row cases (8), whatever the flags.
     quick = "--quick" in sys.argv
     verbose = "-v" in sys.argv
     opt = lambda name, default: sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
@@ -161,5 +180,12 @@ if __name__ == "__main__":
                 count += 1
                 if verbose:
                     print(" ", dt, "bsn", shape, n_iter, update, f"{time.time() - t0:.0f}s", flush=True)
+        # Rows of 301 columns (block mode) start off 16-byte boundaries whatever
+        # the dtype; W one element past its storage's start shifts every row.
+        for shape, bsn, dim in (((7, 301), False, 0), ((3, 301, 1), True, 0)):
+            for offset in (0, 1):
+                for update in (True, False):
+                    check_offset_case(shape, bsn, dim, dt, 1, update, offset)
+                    count += 1
         print(dt, "ok", count, f"{time.time() - t0:.0f}s", flush=True)
     print("ALL OK", count)

@@ -12,7 +12,10 @@ struct Case { std::vector<int64_t> shape; int bsn; int dim; };
 int main(int argc, char** argv) {
   std::vector<Case> cases = {
       {{7, 5, 3, 3}, 0, 0}, {{7, 5, 3, 3}, 0, 1}, {{33, 65}, 0, 1}, {{3, 300}, 0, 0}, {{300, 2}, 0, 0},
-      {{7, 5, 3, 3}, 1, 0}, {{5, 2, 64}, 1, 0}, {{3, 2, 300}, 1, 0}, {{4, 3, 1, 1}, 1, 0}, {{2, 40, 9}, 1, 0}};
+      {{7, 5, 3, 3}, 1, 0}, {{5, 2, 64}, 1, 0}, {{3, 2, 300}, 1, 0}, {{4, 3, 1, 1}, 1, 0}, {{2, 40, 9}, 1, 0},
+      // rows of 301 doubles: every other row starts off a 16-byte boundary, so
+      // block mode's 128-bit walk hands the accumulator's columns to other threads
+      {{3, 301}, 0, 0}, {{3, 301, 1}, 1, 0}};
   std::mt19937 rng(1);
   std::normal_distribution<double> nd;
   int failures = 0;
