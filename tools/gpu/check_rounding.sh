@@ -20,7 +20,7 @@ for cu in "$ROOT"/csrc/cuda/*.cu; do
   "$NVCC" -std=c++20 -arch=sm_90 --ptx -O3 --expt-relaxed-constexpr "${INC[@]}" "$cu" -o "$ptx" 2>"$TMP/err" ||
     { cat "$TMP/err"; exit 1; }
   plain=$(grep -cE '^\s*mul\.f(32|64)\s' "$ptx" || true)
-  counts=$(grep -oE '\b(fma\.rn|mul\.rn|add\.rn|sub\.rn|div\.rn|add|mul)\.f(32|64)\b' "$ptx" | sort | uniq -c | awk '{printf "%s %s; ", $2, $1}')
+  counts=$({ grep -oE '\b(fma\.rn|mul\.rn|add\.rn|sub\.rn|div\.rn|add|mul)\.f(32|64)\b' "$ptx" || true; } | sort | uniq -c | awk '{printf "%s %s; ", $2, $1}')
   echo "$(basename "$cu"): plain multiplies: $plain; $counts"
   if [ "$plain" -ne 0 ]; then
     grep -nE -B3 '^\s*mul\.f(32|64)\s' "$ptx" | head -n 20
