@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <optional>
 #include <utility>
 
 namespace bsn {
@@ -175,15 +176,12 @@ class SNTransposedForward : public torch::autograd::Function<SNTransposedForward
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[0];
     const double scale = ctx->saved_data["scale"].toDouble();
-    auto grad = [&] {
-      return call_sn_backward(rows_matrix(grads[0]), rows_matrix(weight), saved[1], /*dim=*/1, scale)
-          .view(weight.sizes());
-    };
-    if (at::GradMode::is_enabled()) {  // create_graph: double backward records through the reshapes
-      return weight_grad_only(grad(), kSNTransposedArgs);
-    }
-    at::AutoDispatchBelowADInplaceOrView no_view_tracking;  // plain aliases: nothing records
-    return weight_grad_only(grad(), kSNTransposedArgs);
+    // Plain aliases for the reshapes unless create_graph records a double backward through them.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> no_view_tracking;
+    if (!at::GradMode::is_enabled()) no_view_tracking.emplace();
+    at::Tensor grad_weight =
+        call_sn_backward(rows_matrix(grads[0]), rows_matrix(weight), saved[1], /*dim=*/1, scale);
+    return weight_grad_only(grad_weight.view(weight.sizes()), kSNTransposedArgs);
   }
 };
 

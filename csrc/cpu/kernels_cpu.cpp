@@ -217,7 +217,7 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool 
 
 // SN of a transposed matrix: inner == 1, outer > 1, i.e. A = W2^T with W2 the
 // row-major [P, M] view of W (2-D weights along dim 1; the legacy flavour's
-// v-first iteration runs as this, see bsn_cuda/nn/legacy.py). s = A v sums
+// v-first iteration runs as this, see csrc/autograd.h). s = A v sums
 // whole rows of W2 (s += v[p] * W2[p, :]), and t = A^T s needs all of s, so
 // this takes two passes over W where sn_pass takes one.
 template <typename T, typename A>
@@ -551,8 +551,10 @@ void backward(const BackwardParams& p) {
   // Both passes (c = <G, W>, then dW) over the same contiguous chunks of
   // segments, the second in reverse (see chunk_at): SN segments W[p, m, :]
   // (outer * rows of inner elements), BSN rows of W viewed [c_out, c_in * R].
-  // A transposed 2-D SN weight (inner == 1): rows of W2 = [P, M] instead.
-  const bool transposed = p.num_pairs == 1 && is_transposed_2d(p.mat[0]);
+  // SN with inner == 1 (a 2-D weight along dim 1): rows of W2 = [P, M] instead,
+  // also for P == 1 (a [1, N] weight, e.g. the legacy flavour's final
+  // Linear(N, 1)), whose segments would otherwise be single elements.
+  const bool transposed = p.num_pairs == 1 && p.mat[0].inner == 1;
   const int64_t seg_len =
       transposed ? p.mat[0].rows : (p.num_pairs == 1 ? p.mat[0].inner : p.mat[0].cols());
   const int64_t segments = p.numel / seg_len;
@@ -606,11 +608,9 @@ void backward(const BackwardParams& p) {
   if (p.num_pairs == 1) {
     // Segments of R contiguous elements: W[p, m, :] has dsigma/dW = u[m] * v[p*R : p*R+R].
     const int64_t M = p.mat[0].rows, R = seg_len;
-    constexpr int64_t kBlock = 4096;  // R == 1: elements converted at a time
-    const int64_t buf_len = R == 1 ? kBlock : R;
     for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
-      A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(buf_len);
-      A* const obuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(buf_len);
+      A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(R);
+      A* const obuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(R);
       for (int64_t kk = c0; kk < c1; ++kk) {
         const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
         const int64_t s1 = std::min(segments, chunks.begin(ch + 1));
@@ -619,21 +619,7 @@ void backward(const BackwardParams& p) {
         for (int64_t s = chunks.begin(ch); s < s1;) {
           const int64_t pp = s / M, m = s % M;
           const int64_t run = std::min(s1, (pp + 1) * M) - s;
-          if (R == 1) {
-            // Segments of one element (a [1, N] weight along dim 1, e.g. the legacy
-            // flavour's final Linear(N, 1)): the run is one row, dW = a G - (k v[p]) u,
-            // one vector call rather than one call per element.
-            const A one = 1;
-            for (int64_t b = 0; b < run; b += kBlock) {
-              const int64_t n = std::min(kBlock, run - b);
-              A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dw + s + b) : obuf;
-              scaled_diff_rows(a, as_acc(g + s + b, n, gbuf), k * v0[pp], &one, u0 + m + b, out,
-                               int64_t{1}, n);
-              if constexpr (!std::is_same_v<T, A>) {
-                for (int64_t j = 0; j < n; ++j) dw[s + b + j] = static_cast<T>(obuf[j]);
-              }
-            }
-          } else if constexpr (std::is_same_v<T, A>) {
+          if constexpr (std::is_same_v<T, A>) {
             scaled_diff_rows(a, g + s * R, k, u0 + m, v0 + pp * R, dw + s * R, run, R);
           } else {  // through acc-type buffers, one segment at a time
             for (int64_t j = 0; j < run; ++j) {
