@@ -204,6 +204,16 @@ def _write_log(log, state, header):
             log.copy_(state[:header])
 
 
+def _has_kernel(weight):
+    # weight.device.type in OP_DEVICES, without building a torch.device (a
+    # microsecond, on every forward of every layer).
+    if weight.is_cpu:
+        return "cpu" in OP_DEVICES
+    if weight.is_cuda:
+        return "cuda" in OP_DEVICES
+    return weight.device.type in OP_DEVICES
+
+
 def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=None):
     """``bsn_cuda::sn_forward`` (or its reference); returns ``(out, state)``.
 
@@ -211,7 +221,7 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=No
     with respect to ``weight``. ``log``: an optional 1-D tensor of the state's
     dtype that receives sigma (``state[0]``, broadcast to its length).
     """
-    if weight.device.type in OP_DEVICES:
+    if _has_kernel(weight):
         if not _is_compiling():
             if _transforms_active():
                 return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
@@ -230,7 +240,7 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=No
 def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log=None):
     """``bsn_cuda::bsn_forward`` (or its reference); returns ``(out, state)``.
     ``log`` receives ``[sigma, sigma_0, sigma_1]`` (``state[:3]``)."""
-    if weight.device.type in OP_DEVICES:
+    if _has_kernel(weight):
         if not _is_compiling():
             if _transforms_active():
                 return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
@@ -256,7 +266,7 @@ def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
     It is the op on ``W_mat^T``: ``sn_forward(W_mat, u=v, v=u, dim=1)``, whose
     state is ``[sigma, v, u]``. Eager calls run as one autograd node (csrc/autograd.h).
     """
-    if weight.device.type in OP_DEVICES and not _is_compiling() and not _transforms_active() and _FAST is not None:
+    if _has_kernel(weight) and not _is_compiling() and not _transforms_active() and _FAST is not None:
         result = _FAST.sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update)
         if result is not None:
             return result

@@ -66,12 +66,23 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
     _cache = None
 
     def __call__(self, module, inputs):
-        weight = self.compute_weight(module, module.training)
+        name = self.name
         d = module.__dict__
-        if _context.is_compiling() or self.name in d["_parameters"] or self.name in d["_buffers"]:
-            setattr(module, self.name, weight)
+        params, buffers = d["_parameters"], d["_buffers"]
+        weight, u, v = params.get(name + "_orig"), buffers.get(name + "_u"), buffers.get(name + "_v")
+        if (module.training and self.dim == 0 and weight is not None and u is not None and v is not None
+                and weight.dtype in _checks.REAL_DTYPES and not onnx_export.is_exporting()):
+            # The training forward of a dim-0 layer (nearly every one): what
+            # compute_weight does for it, without its layers of calls.
+            if self._cache is not None:
+                self._cache = None
+            weight = _ops.sn_forward_transposed(weight, u, v, self.n_power_iterations, self.eps, 1.0, True)[0]
+        else:
+            weight = self.compute_weight(module, module.training)
+        if _context.is_compiling() or name in params or name in buffers:
+            setattr(module, name, weight)
         else:  # what Module.__setattr__ ends in for a plain tensor attribute, minus its checks
-            d[self.name] = weight
+            d[name] = weight
 
     def compute_weight(self, module, do_power_iteration):
         # The dicts first (Module.__getattr__ costs a microsecond per lookup), then

@@ -26,6 +26,9 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Rows handled together in the update loops (matches axpy4 in vec.h).
 constexpr int kGroup = 4;
+// Rows this short cost more in per-row calls than in arithmetic: the row
+// passes take them 16 at a time (skinny_rows16).
+constexpr int64_t kSkinnyCols = 32;
 
 // Fixed work split of `rows` rows of `row_len` elements each.
 struct Chunks {
@@ -163,8 +166,6 @@ void sn_pass(const T* w, const Matricization& mat, const A* v, A* s, A* t, bool 
   // Zeroed by the chunk that owns it, in the parallel region.
   A* const partial = t ? scratch<A, kPartial>(chunks.count * N) : nullptr;
   const bool direct = P == 1 && std::is_same_v<T, A>;
-  // Rows this short cost more in per-row calls than in arithmetic.
-  constexpr int64_t kSkinnyCols = 32;
   const bool skinny = direct && N <= kSkinnyCols;
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     A* const row_buf = direct ? nullptr : scratch<A, kRowBuf>(kGroup * N);
@@ -249,12 +250,18 @@ void sn_pass_transposed(const T* w, const Matricization& mat, const A* v, A* s, 
   sum_partials(partial, chunks.count, M, s);
   if (!t) return;
   // t[p] = W2[p, :] . s, over the same chunks in the other direction.
+  const bool skinny = std::is_same_v<T, A> && M <= kSkinnyCols;
   for_chunks(chunks.count, [&](int64_t c0, int64_t c1) {
     A* const row_buf = std::is_same_v<T, A> ? nullptr : scratch<A, kRowBuf>(M);
     for (int64_t k = c0; k < c1; ++k) {
       const int64_t c = chunk_at(c0, c1, k, !reverse);
       const int64_t p1 = std::min(P, chunks.begin(c + 1));
-      for (int64_t p = chunks.begin(c); p < p1; ++p) t[p] = dot(as_acc(w + p * M, M, row_buf), s, M);
+      int64_t p = chunks.begin(c);
+      if (skinny) {
+        const A* wa = reinterpret_cast<const A*>(w);
+        for (; p + 16 <= p1; p += 16) skinny_rows16(wa + p * M, M, s, t + p, nullptr);
+      }
+      for (; p < p1; ++p) t[p] = dot(as_acc(w + p * M, M, row_buf), s, M);
     }
   });
 }

@@ -20,6 +20,9 @@ namespace {
 // k + kLanes, ...
 template <typename A>
 constexpr int kLanes = 256 / sizeof(A);
+// A reduction's tail (fewer than kLanes elements) in steps of one AVX2 vector.
+template <typename A>
+constexpr int kTail = 32 / sizeof(A);
 
 template <typename A>
 BSN_ALWAYS_INLINE A combine_lanes(A* acc) {
@@ -38,7 +41,13 @@ BSN_ALWAYS_INLINE A dot_body(const A* __restrict x, const A* __restrict y, int64
 #pragma omp simd
     for (int k = 0; k < L; ++k) acc[k] += x[i + k] * y[i + k];
   }
-  for (int k = 0; i < n; ++i, ++k) acc[k] += x[i] * y[i];
+  // The tail goes to the same lanes (element i to lane i mod L), a vector at a time.
+  int k = 0;
+  for (; i + kTail<A> <= n; i += kTail<A>, k += kTail<A>) {
+#pragma omp simd
+    for (int j = 0; j < kTail<A>; ++j) acc[k + j] += x[i + j] * y[i + j];
+  }
+  for (; i < n; ++i, ++k) acc[k] += x[i] * y[i];
   return combine_lanes(acc);
 }
 
@@ -51,7 +60,12 @@ BSN_ALWAYS_INLINE A sum_sq_body(const A* __restrict x, int64_t n) {
 #pragma omp simd
     for (int k = 0; k < L; ++k) acc[k] += x[i + k] * x[i + k];
   }
-  for (int k = 0; i < n; ++i, ++k) acc[k] += x[i] * x[i];
+  int k = 0;  // the tail as in dot_body
+  for (; i + kTail<A> <= n; i += kTail<A>, k += kTail<A>) {
+#pragma omp simd
+    for (int j = 0; j < kTail<A>; ++j) acc[k + j] += x[i + j] * x[i + j];
+  }
+  for (; i < n; ++i, ++k) acc[k] += x[i] * x[i];
   return combine_lanes(acc);
 }
 

@@ -44,7 +44,8 @@ SN_CASES = [
     # 2-D weights along dim 1 (the legacy flavour's v-first iteration runs as
     # these): rows of W summed in one pass, then dotted in a second, several chunks
     ((300, 1000), 1),
-    ((4099, 20), 1),
+    ((4099, 20), 1),  # short rows: 16 at a time for t, 3 left over
+    ((64, 27), 1),  # the legacy flavour's Conv2d(3, 64, 3)
     ((3, 40000), -1),
 ]
 
