@@ -17,26 +17,66 @@ namespace {
 // elements in order), then a scalar tail (thread n takes column tail + n). Which
 // thread takes which column, and in what order, depends only on cols and on
 // x's offset from a 16-byte boundary, never on the grid or the launch mode.
-// f(n, w): column n, its value as acc_t.
+// f(n, w): column n, its value as acc_t. Unrolled 4 deep, 4 vectors in flight
+// per thread: a block's rows follow one another (each row's loads wait for the
+// previous row's reduction), so a row of up to 4096 float32 is one round of
+// loads (at 2 deep: rows over 2048 took two).
+template <typename scalar_t>
+struct RowSections {  // for_row_vec's split of a row: [0, head) scalars, nvec vectors, [tail, cols) scalars
+  int64_t head, nvec, tail;
+  __device__ __forceinline__ RowSections(const scalar_t* x, int64_t cols) {
+    constexpr int kN = Vec16<scalar_t>::kN;
+    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) /
+                        static_cast<int64_t>(sizeof(scalar_t));
+    head = imin(mis == 0 ? 0 : kN - mis, cols);
+    nvec = (cols - head) / kN;
+    tail = head + nvec * kN;
+  }
+};
+
 template <typename scalar_t, typename F>
 __device__ __forceinline__ void for_row_vec(const scalar_t* __restrict__ x, int64_t cols, int lane,
                                             F&& f) {
   using V = Vec16<scalar_t>;
   constexpr int kN = V::kN;
-  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) /
-                      static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t head = imin(mis == 0 ? 0 : kN - mis, cols);
-  const int64_t nvec = (cols - head) / kN;
-  const int64_t tail = head + nvec * kN;
-  if (lane < head) f(static_cast<int64_t>(lane), to_acc(x[lane]));
-  const V* __restrict__ xv = reinterpret_cast<const V*>(x + head);
-#pragma unroll 2
-  for (int64_t m = lane; m < nvec; m += kThreads) {
+  const RowSections<scalar_t> S(x, cols);
+  if (lane < S.head) f(static_cast<int64_t>(lane), to_acc(x[lane]));
+  const V* __restrict__ xv = reinterpret_cast<const V*>(x + S.head);
+#pragma unroll 4
+  for (int64_t m = lane; m < S.nvec; m += kThreads) {
     const V q = xv[m];
 #pragma unroll
-    for (int e = 0; e < kN; ++e) f(head + m * kN + e, to_acc(q.v[e]));
+    for (int e = 0; e < kN; ++e) f(S.head + m * kN + e, to_acc(q.v[e]));
   }
-  if (tail + lane < cols) f(tail + lane, to_acc(x[tail + lane]));
+  if (S.tail + lane < cols) f(S.tail + lane, to_acc(x[S.tail + lane]));
+}
+
+// for_row_vec for the strided pair: f(n, r, w) also gets r = n % sr, tracked
+// incrementally (one 64-bit remainder per thread and section, none per element).
+// It walks the row a second time, after for_row_vec's dot product.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void for_row_vec_r(const scalar_t* __restrict__ x, int64_t cols, int64_t sr,
+                                              int lane, F&& f) {
+  using V = Vec16<scalar_t>;
+  constexpr int kN = V::kN;
+  const RowSections<scalar_t> S(x, cols);
+  if (lane < S.head) f(static_cast<int64_t>(lane), static_cast<int64_t>(lane) % sr, to_acc(x[lane]));
+  const V* __restrict__ xv = reinterpret_cast<const V*>(x + S.head);
+  const int64_t step = (int64_t{kThreads} * kN) % sr;  // r's advance from vector m to m + kThreads
+  int64_t rm = (S.head + int64_t{lane} * kN) % sr;    // r of this thread's vector's first element
+#pragma unroll 2  // 2 deep: at 4, bfloat16's fused Coop kernel spilled (its loop also loads v)
+  for (int64_t m = lane; m < S.nvec; m += kThreads) {
+    const V q = xv[m];
+    int64_t r = rm;
+#pragma unroll
+    for (int e = 0; e < kN; ++e) {
+      f(S.head + m * kN + e, r, to_acc(q.v[e]));
+      if (++r == sr) r = 0;
+    }
+    rm += step;
+    if (rm >= sr) rm -= sr;
+  }
+  if (S.tail + lane < cols) f(S.tail + lane, (S.tail + lane) % sr, to_acc(x[S.tail + lane]));
 }
 
 // ---------------------------------------------------------------------------
@@ -154,24 +194,22 @@ __device__ void phase_a_impl(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, 
         }
       } else {
         // Block mode: long rows, the block reduces; x is read again from L1/L2.
-        // The row pair's loops walk x with 128-bit loads (for_row_vec); the
-        // columns of tacc change owners from row to row when rows are not
-        // 16-byte multiples, which is safe: allsum's barriers lie between
-        // one row's updates and the next's.
+        // With a row pair, the loops walk x with 128-bit loads (for_row_vec,
+        // for_row_vec_r); the columns of tacc and qacc change owners from row
+        // to row when rows are not 16-byte multiples, which is safe: allsum's
+        // barriers lie between one row's updates and the next's (and between
+        // the zeroing above and the first row's). Each column still gets its
+        // rows in row order: the same sums as the scalar walk.
         if (has_row) {
           acc d = acc(0);
           for_row_vec<scalar_t>(x, cols, lane, [&](int64_t n, acc w) { d = fma_rn(w, VR(n), d); });
           const acc s = G::allsum(d, bscr);
           if constexpr (TRAIN) {
             if (has_str) {
-              int64_t r = r_init;
-              for (int64_t n = lane; n < cols; n += GT) {
-                const acc w = to_acc(x[n]);
+              for_row_vec_r<scalar_t>(x, cols, sr, lane, [&](int64_t n, int64_t r, acc w) {
                 tacc[n] = fma_rn(s, w, tacc[n]);
                 qacc[n] = fma_rn(w, VS(vbase + r), qacc[n]);
-                r += r_step;
-                if (r >= sr) r -= sr;
-              }
+              });
             } else {
               for_row_vec<scalar_t>(x, cols, lane,
                                     [&](int64_t n, acc w) { tacc[n] = fma_rn(s, w, tacc[n]); });
@@ -182,16 +220,16 @@ __device__ void phase_a_impl(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, 
             }
           } else {
             if (has_str) {
-              int64_t r = r_init;
-              for (int64_t n = lane; n < cols; n += GT) {
-                qacc[n] = fma_rn(to_acc(x[n]), VS(vbase + r), qacc[n]);
-                r += r_step;
-                if (r >= sr) r -= sr;
-              }
+              for_row_vec_r<scalar_t>(x, cols, sr, lane, [&](int64_t n, int64_t r, acc w) {
+                qacc[n] = fma_rn(w, VS(vbase + r), qacc[n]);
+              });
             }
             if (lane == 0) part = fma_rn(to_acc(ub_r[i]), s, part);
           }
         } else {
+          // Strided pair alone: no barrier between rows, so each thread keeps the
+          // same columns in every row (scalar loads; a 128-bit walk would hand
+          // columns to other threads when rows are not 16-byte multiples).
           int64_t r = r_init;
           for (int64_t n = lane; n < cols; n += GT) {
             qacc[n] = fma_rn(to_acc(x[n]), VS(vbase + r), qacc[n]);
@@ -269,8 +307,11 @@ __device__ void phase_a(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64
 // ---------------------------------------------------------------------------
 // Phase B: column sums of the chunk partials, in chunk order. Items: slabs of
 // b_cpi* columns (multiples of 32); in a slab of 32 columns, warp w sums the
-// chunks w, w + 8, ... and warp 0 adds the 8 warp sums in order.
-template <typename scalar_t>
+// chunks w, w + 8, ... and warp 0 adds the 8 warp sums in order. UNROLL: loads
+// in flight per lane (speed only, the adds stay in chunk order): phase B's own
+// kernel 8 (with small chunks a warp has up to kMaxChunksA / kWarps = 33, each
+// an L2 round trip), the fused kernels 4 (at 8 the Coop kernel spilled).
+template <typename scalar_t, int UNROLL>
 __device__ void phase_b(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
                         int64_t nblk) {
   using acc = acc_t<scalar_t>;
@@ -298,7 +339,7 @@ __device__ void phase_b(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64
       const int64_t n = n0 + lane;
       acc a = acc(0);
       if (n < n_end) {
-#pragma unroll 4
+#pragma unroll UNROLL
         for (int64_t ch = warp; ch < P.a_chunks; ch += kWarps) a += part[ch * ncols + n];
       }
       red[tid] = a;
@@ -566,6 +607,8 @@ __device__ void phase_d_eval(const FwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, 
 // registers there (fewer resident blocks, e.g. backward's dot 32 -> 42).
 template <typename scalar_t>
 constexpr int kMinBlocksA = sizeof(acc_t<scalar_t>) == 8 ? 3 : 4;
+constexpr int kUnrollB = 8;       // phase B's chunk-loop unroll in its own kernel (see phase_b)
+constexpr int kUnrollBFused = 4;  // and in the fused kernels
 template <typename scalar_t, class Sync>
 __global__ void __launch_bounds__(kThreads, Sync::kMinBlocks)
     fused_forward_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
@@ -582,7 +625,7 @@ __global__ void __launch_bounds__(kThreads, Sync::kMinBlocks)
         phase_a<scalar_t, true, false>(A, smem, bid, nblk);
       }
       Sync::sync();
-      phase_b<scalar_t>(A, smem, bid, nblk);
+      phase_b<scalar_t, kUnrollBFused>(A, smem, bid, nblk);
       Sync::sync();
       if (P.has_str) {
         phase_c<scalar_t>(A, smem, bid, nblk);
@@ -610,7 +653,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksA<scalar_t>) phase_a_kerne
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) phase_b_kernel(const __grid_constant__ FwdArgs<scalar_t> A) {
   BSN_SMEM_DECL(scalar_t);
-  phase_b<scalar_t>(A, smem, blockIdx.x, gridDim.x);
+  phase_b<scalar_t, kUnrollB>(A, smem, blockIdx.x, gridDim.x);
 }
 
 template <typename scalar_t>

@@ -57,6 +57,13 @@
 // to write out (phase D); BSN reads W twice per iteration. D walks W backwards
 // after a forward pass (and C backwards after A) so that the tail still in L2 is
 // reused. Chunk partials of t are at most kMaxChunksA rows of `cols` entries.
+// Chunks are small (>= kMinChunkElems = 1024 elements, plan.h): a block's rows
+// follow one another, each row's loads waiting for the previous row's
+// reduction, so small weights need many chunks to keep the SMs busy; above
+// kPartialElems a training chunk keeps >= 2 rows (the t partials are numel /
+// rows-per-chunk elements). Phase A's accumulators stay in shared memory up to
+// the device's opt-in maximum (2 blocks per SM up to kSmemCap, 1 above it);
+// only wider rows accumulate in the workspace.
 //
 // Accumulation: acc_t = double for double weights, float otherwise (half and
 // bfloat16 are converted on load). IEEE math only (sqrt, '/'; no fast math);

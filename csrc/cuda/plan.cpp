@@ -10,9 +10,12 @@ namespace bsn {
 namespace cuda {
 namespace {
 
-// Chunks of rows: at least kMinChunkElems elements each, at most max_chunks.
-void chunk_rows(int64_t rows, int64_t numel, int64_t max_chunks, int64_t* nchunks, int64_t* rpc) {
+// Chunks of rows: at least kMinChunkElems elements and min_rpc rows each, at
+// most max_chunks.
+void chunk_rows(int64_t rows, int64_t numel, int64_t max_chunks, int64_t min_rpc, int64_t* nchunks,
+                int64_t* rpc) {
   int64_t n = ceil_div(numel, kMinChunkElems);
+  n = std::min<int64_t>(n, ceil_div(rows, min_rpc));
   n = std::max<int64_t>(1, std::min<int64_t>(n, std::min<int64_t>(rows, max_chunks)));
   *rpc = ceil_div(rows, n);
   *nchunks = ceil_div(rows, *rpc);
@@ -100,12 +103,18 @@ ForwardPlan make_forward_plan(const ForwardParams& p, int acc_size, const Device
     P.a_smem = scratch;
   } else {
     const int64_t per_col = groups * P.a_narr * acc_size;
-    P.a_acc_smem = (cap > scratch && P.cols <= (cap - scratch) / per_col) ? 1 : 0;
+    auto fits = [&](int64_t bytes) { return bytes > scratch && P.cols <= (bytes - scratch) / per_col; };
+    // Up to kSmemCap: 2 blocks per SM. Wider rows take the device's opt-in
+    // maximum (1 block per SM; the grids come from the occupancy calculator)
+    // rather than accumulate in global memory, where every row would load and
+    // store the accumulators through L2 (tools/gpu/model.py: the slower one).
+    P.a_acc_smem = (fits(cap) || fits(dev.smem_optin)) ? 1 : 0;
     // Warp mode needs at most 8 * 2 * 256 * 8 bytes + scratch (< 48 KiB): always fits.
     TORCH_CHECK(P.a_acc_smem || !P.a_warp, "bsn_cuda: warp mode does not fit shared memory");
     P.a_smem = scratch + (P.a_acc_smem ? per_col * P.cols : 0);
   }
-  chunk_rows(P.rows, E, kMaxChunksA, &P.a_chunks, &P.a_rpc);
+  const bool t_partials = P.update && P.has_row;
+  chunk_rows(P.rows, E, kMaxChunksA, (t_partials && E > kPartialElems) ? 2 : 1, &P.a_chunks, &P.a_rpc);
 
   // Phase B.
   if (P.update) {
@@ -120,7 +129,7 @@ ForwardPlan make_forward_plan(const ForwardParams& p, int acc_size, const Device
   }
   // Phase C.
   P.c_warp = P.cols <= kWarpColsMax ? 1 : 0;
-  chunk_rows(P.rows, E, kMaxChunksC, &P.c_chunks, &P.c_rpc);
+  chunk_rows(P.rows, E, kMaxChunksC, 1, &P.c_chunks, &P.c_rpc);
   P.c_reverse = 1;
   // Phase D: walk W against the direction of the last pass over it.
   P.e_tiles = ceil_div(E, kTile);
@@ -180,7 +189,7 @@ BackwardPlan make_backward_plan(const BackwardParams& p, int acc_size, const Dev
   P.inc_j = (kThreads / P.tr) % P.tj;
   P.inc_i = kThreads / P.cols;
   const int64_t E = p.numel;
-  P.items = std::max<int64_t>(1, std::min<int64_t>(ceil_div(E, 2 * kMinChunkElems), kMaxItemsBw));
+  P.items = std::max<int64_t>(1, std::min<int64_t>(ceil_div(E, kMinItemElemsBw), kMaxItemsBw));
   P.item_size = ceil_div(E, P.items);
   P.items = ceil_div(E, P.item_size);
   P.e_tiles = ceil_div(E, kTile);

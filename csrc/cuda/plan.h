@@ -32,7 +32,15 @@ constexpr int64_t kTile = int64_t{kThreads} * kEPT;
 constexpr int kWarpRegs = 8;              // row elements per lane in warp mode
 constexpr int64_t kWarpColsMax = 32 * kWarpRegs;  // warp-per-row mode when cols <= this
 // partition
-constexpr int64_t kMinChunkElems = 8192;  // at least this many elements per row chunk
+// Row chunks: at least kMinChunkElems elements each (4 KiB of float32: a round or
+// two of the block's 128-bit loads). Small, so that small weights still spread
+// phase A (whose rows follow one another in a block, each row's loads waiting
+// for the previous row's reduction) over many SMs; weights above kPartialElems
+// keep at least 2 rows per chunk when phase A writes t partials (chunks x cols:
+// numel / rows-per-chunk elements of workspace traffic). See tools/gpu/model.py.
+constexpr int64_t kMinChunkElems = 1024;
+constexpr int64_t kPartialElems = int64_t{1} << 17;
+constexpr int64_t kMinItemElemsBw = 16384;  // backward <G, W> items: at least this many elements
 constexpr int64_t kMaxChunksA = 264;      // phase A chunks (t partials: chunks x cols)
 constexpr int64_t kMaxChunksC = 1024;     // phase C chunks
 constexpr int64_t kMaxItemsB = 1024;      // phase B items per vector
@@ -40,7 +48,7 @@ constexpr int64_t kMaxItemsBw = 1024;     // backward <G, W> items
 // speed only
 constexpr int64_t kTinyElems = 16384;            // Auto: single block up to this numel
 constexpr int64_t kCoopMaxElems = int64_t{1} << 22;  // Auto: cooperative up to this numel
-constexpr int64_t kSmemCap = 112640;      // dynamic shared memory cap per block (2 blocks/SM on H100)
+constexpr int64_t kSmemCap = 112640;      // phase A smem per block for 2 blocks/SM on H100 (wider rows: opt-in max)
 constexpr int kBlocksPerSm = 8;           // Multi: grid cap = SMs * this (2048 threads/SM)
 // Shared memory layout of every phase (acc_t elements):
 //   [0, kThreads)                 red: per-group trees, group partials

@@ -26,7 +26,8 @@ TORCH_DIR = os.path.dirname(torch.__file__)
 # Constants of csrc/cuda/plan.h.
 THREADS, SCR, TILE = 256, 64, 256 * 8
 WARP_COLS_MAX = 256
-MIN_CHUNK_ELEMS, MAX_CHUNKS_A, MAX_CHUNKS_C, MAX_ITEMS_B, MAX_ITEMS_BW = 8192, 264, 1024, 1024, 1024
+MIN_CHUNK_ELEMS, MAX_CHUNKS_A, MAX_CHUNKS_C, MAX_ITEMS_B, MAX_ITEMS_BW = 1024, 264, 1024, 1024, 1024
+PARTIAL_ELEMS, MIN_ITEM_ELEMS_BW = 1 << 17, 16384
 TINY, COOP_MAX, SMEM_CAP, BLOCKS_PER_SM = 16384, 1 << 22, 112640, 8
 AUTO, SINGLE, COOP, MULTI = 0, 1, 2, 3
 
@@ -72,8 +73,8 @@ def structure(shape, bsn, dim):
     return outer, shape[dim] * inner, shape[dim], inner, 0, 1
 
 
-def chunks(rows, numel, max_chunks):
-    n = max(1, min(cdiv(numel, MIN_CHUNK_ELEMS), rows, max_chunks))
+def chunks(rows, numel, max_chunks, min_rpc=1):
+    n = max(1, min(cdiv(numel, MIN_CHUNK_ELEMS), cdiv(rows, min_rpc), rows, max_chunks))
     rpc = cdiv(rows, n)
     return cdiv(rows, rpc), rpc
 
@@ -101,10 +102,14 @@ def expected_forward(shape, bsn, dim, acc, n_iter, update, mode, dev):
         e["a_acc_smem"], e["a_smem"] = 1, scratch
     else:
         per_col = groups * narr * acc
-        e["a_acc_smem"] = int(cap > scratch and cols <= (cap - scratch) // per_col)
+        fits = lambda b: b > scratch and cols <= (b - scratch) // per_col
+        # 2 blocks per SM up to SMEM_CAP, else the opt-in maximum, else global memory.
+        e["a_acc_smem"] = int(fits(cap) or fits(dev["optin"]))
         e["a_smem"] = scratch + (per_col * cols if e["a_acc_smem"] else 0)
     e["a_narr"] = narr
-    e["a_chunks"], e["a_rpc"] = chunks(rows, numel, MAX_CHUNKS_A)
+    # t partials (chunks x cols) above PARTIAL_ELEMS: at least 2 rows per chunk.
+    min_rpc = 2 if update and has_row and numel > PARTIAL_ELEMS else 1
+    e["a_chunks"], e["a_rpc"] = chunks(rows, numel, MAX_CHUNKS_A, min_rpc)
     e["c_chunks"], e["c_rpc"] = chunks(rows, numel, MAX_CHUNKS_C)
     per_item = lambda n: 32 * max(1, cdiv(cdiv(n, 32), MAX_ITEMS_B))
     e["b_items0"] = cdiv(cols, per_item(cols)) if update and has_row else 0
@@ -185,7 +190,7 @@ def test_forward_plans_of_benchmark_layers(plan_dump):
         # Chunks cover the rows exactly once; shared memory fits the block.
         assert (p["a_chunks"] - 1) * p["a_rpc"] < p["rows"] <= p["a_chunks"] * p["a_rpc"], tag
         assert (p["c_chunks"] - 1) * p["c_rpc"] < p["rows"] <= p["c_chunks"] * p["c_rpc"], tag
-        assert p["a_smem"] <= min(SMEM_CAP, dev["optin"]), tag
+        assert p["a_smem"] <= dev["optin"], tag
         # Workspace regions: 32-element aligned, disjoint, inside ws_elems.
         spans = sorted((off, off + n, name) for name, off, n in regions(p))
         for off, end, name in spans:
@@ -201,6 +206,31 @@ def test_biggan_widest_layer_plan(plan_dump):
     (bsn,) = plan_dump([("fwd", True, 0, 4, 1, True, AUTO, H100, (1536, 1536, 3, 3))])
     assert (bsn["a_acc_smem"], bsn["a_smem"], bsn["a_chunks"], bsn["a_rpc"]) == (1, 111872, 256, 6)
     assert (bsn["mode"], bsn["launches"], bsn["c_chunks"], bsn["e_tiles"]) == (MULTI, 4, 768, 10368)
+
+
+def test_opt_in_shared_memory_above_the_two_blocks_cap(plan_dump):
+    # Rows wider than the 2-blocks-per-SM cap keep phase A's accumulators in shared
+    # memory up to the opt-in maximum (1 block per SM), and only then go global.
+    reqs = [("fwd", True, 0, 4, 1, True, AUTO, H100, (2048, 2048, 3, 3)),  # BSN rows of 18,432
+            ("fwd", True, 0, 4, 1, True, AUTO, dict(H100, optin=SMEM_CAP), (2048, 2048, 3, 3)),
+            ("fwd", True, 0, 8, 1, True, AUTO, H100, (1536, 1536, 3, 3)),  # float64 BigGAN
+            ("fwd", False, 0, 4, 1, True, AUTO, H100, (64, 57000)),  # SN, one array: up to 57,792
+            ("fwd", True, 0, 4, 1, True, AUTO, H100, (8, 28896, 1)),  # BSN float32 limit: 28,896
+            ("fwd", True, 0, 4, 1, True, AUTO, H100, (8, 28897, 1))]
+    got = [(p["a_acc_smem"], p["a_smem"]) for p in plan_dump(reqs)]
+    s4, s8 = (THREADS + SCR) * 4, (THREADS + SCR) * 8
+    assert got == [(1, s4 + 8 * 18432), (0, s4), (1, s8 + 16 * 13824), (1, s4 + 4 * 57000),
+                   (1, s4 + 8 * 28896), (0, s4)]
+    assert got[0][1] > SMEM_CAP and got[2][1] > SMEM_CAP and got[4][1] == H100["optin"]
+
+
+def test_small_weights_spread_over_many_chunks(plan_dump):
+    # SNGAN CIFAR: chunks of >= 1,024 elements (64 x 1 rows for [64, 64, 4, 4]); above
+    # 2^17 elements, training keeps >= 2 rows per chunk (t partials), eval does not.
+    reqs = [("fwd", False, 0, 4, 1, upd, AUTO, H100, shape)
+            for shape in ((64, 64, 4, 4), (128, 64, 3, 3), (256, 256, 4, 4)) for upd in (True, False)]
+    got = [(p["a_chunks"], p["a_rpc"]) for p in plan_dump(reqs)]
+    assert got == [(64, 1), (64, 1), (64, 2), (64, 2), (128, 2), (256, 1)]
 
 
 def test_modes_and_launch_counts(plan_dump):
@@ -244,7 +274,7 @@ def test_backward_plans(plan_dump):
         _, bsn, dim, _, _, _, _, dev, shape = req
         numel = math.prod(shape)
         rows, cols, sm, sr, has_row, has_str = structure(shape, bsn, dim)
-        items = max(1, min(cdiv(numel, 2 * MIN_CHUNK_ELEMS), MAX_ITEMS_BW))
+        items = max(1, min(cdiv(numel, MIN_ITEM_ELEMS_BW), MAX_ITEMS_BW))
         size = cdiv(numel, items)
         assert (p["item_size"], p["items"]) == (size, cdiv(numel, size)), req
         assert (p["items"] - 1) * p["item_size"] < numel <= p["items"] * p["item_size"], req

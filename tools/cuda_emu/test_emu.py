@@ -155,7 +155,7 @@ BSN = [(1, 1, 3), (4, 3, 3, 3), (6, 5, 2), (3, 7, 3, 3), (5, 4, 1, 1), (2, 3, 4,
 if __name__ == "__main__":
     # --quick: float32, 12 shapes; --dtypes float64,bfloat16; --every K: every K-th shape
     # (a representative subset when the machine is busy); --bsn-only; -v: a line per case.
-    # Each dtype also runs the offset-row cases (8), whatever the flags.
+    # Each dtype also runs the offset-row cases (8) and the wide-row cases (2), whatever the flags.
     quick = "--quick" in sys.argv
     verbose = "-v" in sys.argv
     opt = lambda name, default: sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
@@ -187,5 +187,12 @@ if __name__ == "__main__":
                 for update in (True, False):
                     check_offset_case(shape, bsn, dim, dt, 1, update, offset)
                     count += 1
+        # BSN rows wider than the 2-blocks-per-SM shared-memory cap (kSmemCap; 6,960
+        # columns for float64, 13,920 otherwise): phase A's accumulators in opt-in shared
+        # memory at 232,448 B, in global memory at 48 KiB (about 90 s per dtype).
+        wide = (2, 7000 if dt == torch.float64 else 14000, 1)
+        for update in (True, False):
+            check_case(wide, True, 0, dt, 1, update)
+            count += 1
         print(dt, "ok", count, f"{time.time() - t0:.0f}s", flush=True)
     print("ALL OK", count)

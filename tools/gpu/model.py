@@ -5,18 +5,19 @@
 The launch plans come from csrc/cuda/plan.cpp itself (tests/cuda/cuda_plan_dump.cpp,
 built here with the host compiler), so the model follows the code: which mode,
 how many kernels and grid barriers, how many passes over W, and the workspace
-traffic of the chunk partials. Time = sum over phases of bytes / (bandwidth x
-that phase's efficiency) + launches x gap + grid barriers x cost. The
-efficiencies are assumptions from a reading of the sm_90 SASS (issue 10). Phase
-A was 0.60 when it issued scalar loads at 2 blocks per SM (112-127 registers);
-it now reads the row pair's rows with 128-bit loads (4x the bytes in flight per
-load instruction), so 0.70 is assumed until a GPU measures it. Its kernel
-allows 4 blocks per SM (64 registers), but on 132 SMs the plan's at most 264
-chunks (kMaxChunksA) still give 2 per SM, and the fused Coop kernel (122-128
-registers) fits 2. The strided pair's q loop (BSN pair 1, SN dim > 0) still
-loads scalars. The elementwise passes stream. It is
-GPU time of the ops alone (back-to-back, L2 flushed), not the module API's host
-overhead; the first GPU run (tools/gpu/gpu_check.sh) measures against it.
+traffic of the chunk partials. Time = sum over phases of max(bandwidth time,
+latency time) + launches x gap + grid barriers x cost. Bandwidth time: bytes /
+(bandwidth x that phase's efficiency; assumptions from a reading of the sm_90
+SASS, issue 10). Latency time (added 2026-12-02): a block whose next loads wait
+for its previous ones (phase A: a row's loads wait for the previous row's block
+reduction; phase B: a warp's chunk loop) needs rounds x LAT per item, and a
+grid of at most the resident blocks takes ceil(items / resident) items each;
+with few large items (8192-element chunks: 8 chunks of 8 rows for a [64, 64,
+4, 4] weight on 132 SMs) this, not the bandwidth, is the time. Phase A is
+assumed at 0.70 with 128-bit loads; the strided pair's q loop (BSN pair 1, SN
+dim > 0) still loads scalars. The elementwise passes stream. It is GPU time of
+the ops alone (back-to-back, L2 flushed), not the module API's host overhead;
+the first GPU run (tools/gpu/gpu_check.sh) measures against it, LAT_* included.
 """
 
 import argparse
@@ -44,6 +45,15 @@ COOP_LAUNCH = 4.0e-6  # one cooperative launch
 GRID_SYNC = 1.5e-6  # one grid.sync() on 132 SMs
 SINGLE_BW = 40e9  # one block (Single mode: weights <= 16384 elements)
 BLOCK_SYNC = 0.3e-6  # __syncthreads-separated phase in one block
+# Latency: a block whose loads depend on its previous loads' results (a row's reduction
+# before the next row) waits this long per round of loads, whatever the bandwidth.
+LAT_HBM = 0.6e-6  # a round of loads from HBM under load
+LAT_L2 = 0.3e-6  # a round of loads that hit L2 (partials, W read again in phase C)
+L2_BW = 5.5e12  # L2 bandwidth (global-memory accumulators)
+SM_SMEM = 233472  # shared memory per SM (228 KiB; a block also reserves 1 KiB)
+# Loads in flight per thread (forward.cu's unrolls): phase A's 128-bit row loads and
+# phase B's partial loads, in their own kernels (Multi) and in the fused kernel (Coop).
+UNROLL = {"A": 4, "B": 8, "A_fused": 4, "B_fused": 4}
 
 
 def build_dump():
@@ -65,6 +75,24 @@ def plans(exe, reqs):
     return [json.loads(x) for x in out.splitlines()]
 
 
+def resident(p, gpu, kind):
+    """Blocks of a phase resident at once on the device (the grid of one wave)."""
+    sms = gpu["sms"]
+    if p["mode"] == 2:  # the fused Coop kernel: 2 blocks per SM (its register cap), fewer if the smem says so
+        return sms * max(1, min(2, SM_SMEM // (p["a_smem"] + 1024)))
+    if kind == "A":  # phase A's kernel: 4 blocks per SM (registers), fewer if its shared memory says so
+        return sms * max(1, min(4, SM_SMEM // (p["a_smem"] + 1024)))
+    return sms * 8
+
+
+def phase(bytes_, bw, rounds_per_block, items, res, lat):
+    """max(bandwidth time, latency time): a block runs `rounds_per_block` dependent rounds of
+    loads per item, and a grid of at most `res` blocks takes ceil(items / res) items each."""
+    if items <= 0:
+        return bytes_ / bw
+    return max(bytes_ / bw, rounds_per_block * lat * math.ceil(items / res))
+
+
 def forward_time(p, gpu, s=4):
     """Seconds of one forward (p: a forward plan), s: bytes per weight element."""
     E, acc = p["numel"], 4
@@ -73,17 +101,39 @@ def forward_time(p, gpu, s=4):
     bw = gpu["bw"]
     t = 0.0
     iters = p["n_iter"] if p["update"] else 1
-    partials = p["a_chunks"] * p["cols"] * acc * (1 if p["update"] and p["has_row"] else 0)
-    partials += p["a_chunks"] * p["sm"] * acc * (1 if p["update"] and p["has_str"] else 0)
+    rows, cols, chunks, rpc = p["rows"], p["cols"], p["a_chunks"], p["a_rpc"]
+    partials = chunks * cols * acc * (1 if p["update"] and p["has_row"] else 0)
+    partials += chunks * p["sm"] * acc * (1 if p["update"] and p["has_str"] else 0)
+    # Phase A, per block: its rows one after the other (a row's loads wait for the previous
+    # row's block reduction); a row is ceil(cols / (kThreads * 16 B * unroll)) rounds of
+    # 128-bit loads in block mode; warp mode has 8 rows (one per warp) in flight, one round each.
+    fused = p["mode"] == 2
+    if p["a_warp"]:
+        rounds_a = math.ceil(rpc / 8)
+    else:
+        rounds_a = rpc * math.ceil(cols * s / (256 * 16 * UNROLL["A_fused" if fused else "A"]))
+    extra_l2 = 0.0
     if not p["a_acc_smem"]:
-        partials += 2 * p["a_chunks"] * p["cols"] * acc  # q accumulated in global memory
+        # Accumulators in global memory: every row loads and stores a_narr arrays of cols
+        # entries (L2 traffic: L1 is write-through).
+        extra_l2 = 2 * p["a_narr"] * E * acc
+    res_a = resident(p, gpu, "A")
+    items_b = p["b_items0"] + p["b_items1"]
+    # Phase B, per item: its 32-column slabs, each a warp's chunks (a_chunks / 8 per warp),
+    # UNROLL loads in flight, from L2.
+    rounds_b = (math.ceil(max(p["b_cpi0"] if p["b_items0"] else p["b_cpi1"], 32) / 32) *
+                math.ceil(chunks / 8 / UNROLL["B_fused" if fused else "B"]))
+    # Phase C: per row, ceil(cols / (group * 4)) rounds (unroll 4); 8 rows at once in warp mode.
+    gt = 32 if p["c_warp"] else 256
+    rounds_c = math.ceil(p["c_rpc"] / (8 if p["c_warp"] else 1)) * math.ceil(cols / (gt * 4))
     for _ in range(iters):
-        t += (E * s + partials) / (bw * EFF["A"])
+        t += phase(E * s + partials, bw * EFF["A"], rounds_a, chunks, res_a, LAT_HBM) + extra_l2 / L2_BW
         if p["update"]:
-            t += partials / (bw * EFF["B"])
+            t += phase(partials, bw * EFF["B"], rounds_b, items_b, resident(p, gpu, "B"), LAT_L2)
             if p["has_str"]:
-                t += E * s / (bw * EFF["C"])
-    t += 2 * E * s / (bw * EFF["D"])
+                t += phase(E * s, bw * EFF["C"], rounds_c, p["c_chunks"], resident(p, gpu, "C"), LAT_L2)
+    # Phase D: one round of loads per tile (kEPT elements per thread), W from HBM.
+    t += phase(2 * E * s, bw * EFF["D"], 1, p["e_tiles"], resident(p, gpu, "D"), LAT_HBM)
     if p["mode"] == 3:
         t += p["launches"] * LAUNCH_GAP
     else:
@@ -134,7 +184,8 @@ def main(argv=None):
         f"Generated by `python tools/gpu/model.py --gpu {args.gpu}` from the launch plans of",
         "csrc/cuda/plan.cpp; see the script's docstring for the model and its assumptions",
         f"(bandwidth {gpu['bw'] / 1e12:.1f} TB/s; phase efficiencies {EFF}; launch gap",
-        f"{LAUNCH_GAP * 1e6:.1f} us, cooperative launch {COOP_LAUNCH * 1e6:.1f} us, grid sync {GRID_SYNC * 1e6:.1f} us).",
+        f"{LAUNCH_GAP * 1e6:.1f} us, cooperative launch {COOP_LAUNCH * 1e6:.1f} us, grid sync {GRID_SYNC * 1e6:.1f} us;",
+        f"a round of dependent loads {LAT_HBM * 1e6:.1f} us from HBM, {LAT_L2 * 1e6:.1f} us from L2; unrolls {UNROLL}).",
         "GPU time of the op alone, one power iteration, in microseconds; the benchmark's",
         "module-API numbers add the host's per-call overhead (tens of microseconds), which",
         "dominates every layer below about a million elements. Mode: S single block, C",
