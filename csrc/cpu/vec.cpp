@@ -51,22 +51,11 @@ BSN_ALWAYS_INLINE A dot_body(const A* __restrict x, const A* __restrict y, int64
   return combine_lanes(acc);
 }
 
+// sum_k x[k]^2: dot_body's lanes and order (restrict only constrains writes,
+// so x may be passed twice).
 template <typename A>
-BSN_ALWAYS_INLINE A sum_sq_body(const A* __restrict x, int64_t n) {
-  constexpr int L = kLanes<A>;
-  A acc[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-#pragma omp simd
-    for (int k = 0; k < L; ++k) acc[k] += x[i + k] * x[i + k];
-  }
-  int k = 0;  // the tail as in dot_body
-  for (; i + kTail<A> <= n; i += kTail<A>, k += kTail<A>) {
-#pragma omp simd
-    for (int j = 0; j < kTail<A>; ++j) acc[k + j] += x[i + j] * x[i + j];
-  }
-  for (; i < n; ++i, ++k) acc[k] += x[i] * x[i];
-  return combine_lanes(acc);
+BSN_ALWAYS_INLINE A sum_sq_body(const A* x, int64_t n) {
+  return dot_body(x, x, n);
 }
 
 // acc[k] = sum_{q = k mod P, q < n} x[q] * y[q] for k < min(n, P), with the P
