@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <initializer_list>
-#include <optional>
 #include <utility>
 
 namespace bsn {
@@ -58,7 +57,8 @@ void bump_versions(std::initializer_list<const at::Tensor*> buffers) {
 }
 
 // The backward's result: one entry per forward argument, only the weight's defined.
-constexpr size_t kSNArgs = 8, kSNTransposedArgs = 7, kBSNArgs = 9;
+// (+1: the forwards' state_out pointer)
+constexpr size_t kSNArgs = 9, kSNTransposedArgs = 8, kBSNArgs = 10;
 variable_list weight_grad_only(at::Tensor grad_weight, size_t num_args) {
   variable_list grads(num_args);
   grads[0] = std::move(grad_weight);
@@ -79,14 +79,18 @@ at::Tensor call_backward_op(const Op& op, const Args&... args) {
   return op.call(args...);
 }
 
-// What every forward's backward needs: the weight, the op's state (not
-// differentiable) and the scale.
-void save_context(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& state,
-                  double scale) {
+// What every forward's backward needs: the weight, the op's state and the scale.
+//
+// The node's only output is `out`. The state leaves the forward through
+// `state_out` instead of as a second output marked non-differentiable: it is
+// computed under the node's no-grad forward, so it needs no marking, and
+// compiled autograd refuses C++ nodes with non-differentiable outputs.
+void save_context(AutogradContext* ctx, const at::Tensor& weight, at::Tensor state,
+                  double scale, at::Tensor* state_out) {
   ctx->save_for_backward({weight, state});
-  ctx->mark_non_differentiable({state});
-  ctx->set_materialize_grads(false);  // no zeros for the state's (never used) gradient
+  ctx->set_materialize_grads(false);  // an undefined gradient: nothing to compute
   ctx->saved_data["scale"] = scale;
+  *state_out = std::move(state);
 }
 
 // ---------------------------------------------------------------------------
@@ -114,14 +118,17 @@ at::Tensor call_sn_backward(const at::Tensor& grad_out, const at::Tensor& weight
 
 class SNForward : public torch::autograd::Function<SNForward> {
  public:
+  // Compiled autograd may trace the backward: it only calls dispatcher ops.
+  static constexpr bool is_traceable = true;
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u,
                                at::Tensor v, int64_t dim, int64_t n_power_iterations,
-                               double eps, double scale, bool update) {
+                               double eps, double scale, bool update, at::Tensor* state_out) {
     auto [out, state] =
         call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
-    save_context(ctx, weight, state, scale);
+    save_context(ctx, weight, std::move(state), scale, state_out);
     ctx->saved_data["dim"] = dim;
-    return {out, state};
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -143,32 +150,66 @@ ForwardResult sn_forward_autograd(const at::Tensor& weight, at::Tensor& u, at::T
   if (!records_graph(weight)) {
     return call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
   }
+  at::Tensor state;
   variable_list result =
-      SNForward::apply(weight, u, v, dim, n_power_iterations, eps, scale, update);
-  return {result[0], result[1]};
+      SNForward::apply(weight, u, v, dim, n_power_iterations, eps, scale, update, &state);
+  return {std::move(result[0]), std::move(state)};
 }
 
 // ---------------------------------------------------------------------------
 // SN with torch's legacy (v-first) order: the op on W_mat^T. See autograd.h.
 
-// W_mat of a weight: its first dimension against the rest (a 1-D weight is [n, 1]).
-at::Tensor rows_matrix(const at::Tensor& t) { return t.reshape({t.size(0), -1}); }
+// A dense CPU/CUDA tensor with nothing in front of its kernels: no subclass,
+// dispatch mode, functorch or functionalization wrapper, conj/neg bit.
+bool plain_dense(const at::Tensor& t) {
+  static const c10::DispatchKeySet plain_keys{
+      c10::DispatchKey::CPU,         c10::DispatchKey::CUDA,        c10::DispatchKey::ADInplaceOrView,
+      c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutogradCUDA};
+  return plain_keys.isSupersetOf(t.key_set()) && t.layout() == at::kStrided;
+}
+
+// W_mat of a weight: its first dimension against the rest (a 1-D weight is
+// [n, 1]), for the op below autograd. A contiguous plain tensor gets an alias
+// made without the dispatcher (a reshape is two calls through it, a
+// microsecond of a small layer's forward); the alias shares the storage but
+// not the version counter or autograd metadata, which no caller needs: the
+// op only reads it. Anything else takes reshape.
+at::Tensor rows_matrix(const at::Tensor& t) {
+  if (t.numel() > 0 && t.is_contiguous() && plain_dense(t)) {
+    auto alias = at::detail::make_tensor<c10::TensorImpl>(
+        c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(), t.dtype());
+    alias.unsafeGetTensorImpl()->set_storage_offset(t.storage_offset());
+    alias.unsafeGetTensorImpl()->set_sizes_contiguous({t.size(0), t.numel() / t.size(0)});
+    return alias;
+  }
+  return t.reshape({t.size(0), -1});
+}
+
+// A kernel's fresh, contiguous result in the weight's shape: its sizes are set
+// in place when nothing else holds it, else it is viewed (below autograd: a
+// plain alias, not an autograd view; this node is its only producer).
+at::Tensor in_weight_shape(at::Tensor result, c10::IntArrayRef sizes) {
+  if (result.use_count() == 1 && result.is_contiguous() && plain_dense(result) &&
+      result.unsafeGetTensorImpl()->allow_tensor_metadata_change()) {
+    result.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+    return result;
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return result.view(sizes);
+}
 
 class SNTransposedForward : public torch::autograd::Function<SNTransposedForward> {
  public:
+  // Compiled autograd may trace the backward: it only calls dispatcher ops.
+  static constexpr bool is_traceable = true;
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u,
                                at::Tensor v, int64_t n_power_iterations, double eps,
-                               double scale, bool update) {
+                               double scale, bool update, at::Tensor* state_out) {
     auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1,
                                         n_power_iterations, eps, scale, update);
-    {
-      // An alias in the weight's shape, not an autograd view (nothing to track:
-      // this node is the output's only producer).
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = out.view(weight.sizes());
-    }
-    save_context(ctx, weight, state, scale);
-    return {out, state};
+    save_context(ctx, weight, std::move(state), scale, state_out);
+    return {in_weight_shape(std::move(out), weight.sizes())};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -176,12 +217,16 @@ class SNTransposedForward : public torch::autograd::Function<SNTransposedForward
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[0];
     const double scale = ctx->saved_data["scale"].toDouble();
-    // Plain aliases for the reshapes unless create_graph records a double backward through them.
-    std::optional<at::AutoDispatchBelowADInplaceOrView> no_view_tracking;
-    if (!at::GradMode::is_enabled()) no_view_tracking.emplace();
+    if (at::GradMode::is_enabled()) {  // create_graph: differentiable reshapes for double backward
+      at::Tensor grad_weight = call_sn_backward(grads[0].reshape({weight.size(0), -1}),
+                                                weight.reshape({weight.size(0), -1}), saved[1],
+                                                /*dim=*/1, scale);
+      return weight_grad_only(grad_weight.view(weight.sizes()), kSNTransposedArgs);
+    }
     at::Tensor grad_weight =
         call_sn_backward(rows_matrix(grads[0]), rows_matrix(weight), saved[1], /*dim=*/1, scale);
-    return weight_grad_only(grad_weight.view(weight.sizes()), kSNTransposedArgs);
+    return weight_grad_only(in_weight_shape(std::move(grad_weight), weight.sizes()),
+                            kSNTransposedArgs);
   }
 };
 
@@ -199,11 +244,12 @@ std::tuple<at::Tensor, at::Tensor> sn_forward_transposed(const at::Tensor& weigh
   if (!records_graph(weight)) {
     auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1, n_power_iterations,
                                         eps, scale, update);
-    return {out.view(weight.sizes()), state};
+    return {in_weight_shape(std::move(out), weight.sizes()), std::move(state)};
   }
+  at::Tensor state;
   variable_list result =
-      SNTransposedForward::apply(weight, u, v, n_power_iterations, eps, scale, update);
-  return {result[0], result[1]};
+      SNTransposedForward::apply(weight, u, v, n_power_iterations, eps, scale, update, &state);
+  return {std::move(result[0]), std::move(state)};
 }
 
 namespace {
@@ -234,14 +280,17 @@ at::Tensor call_bsn_backward(const at::Tensor& grad_out, const at::Tensor& weigh
 
 class BSNForward : public torch::autograd::Function<BSNForward> {
  public:
+  // Compiled autograd may trace the backward: it only calls dispatcher ops.
+  static constexpr bool is_traceable = true;
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u0,
                                at::Tensor v0, at::Tensor u1, at::Tensor v1,
                                int64_t n_power_iterations, double eps, double scale,
-                               bool update) {
+                               bool update, at::Tensor* state_out) {
     auto [out, state] =
         call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
-    save_context(ctx, weight, state, scale);
-    return {out, state};
+    save_context(ctx, weight, std::move(state), scale, state_out);
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -264,9 +313,10 @@ ForwardResult bsn_forward_autograd(const at::Tensor& weight, at::Tensor& u0, at:
   if (!records_graph(weight)) {
     return call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
   }
-  variable_list result =
-      BSNForward::apply(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
-  return {result[0], result[1]};
+  at::Tensor state;
+  variable_list result = BSNForward::apply(weight, u0, v0, u1, v1, n_power_iterations, eps,
+                                           scale, update, &state);
+  return {std::move(result[0]), std::move(state)};
 }
 
 }  // namespace

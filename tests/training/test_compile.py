@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) of models using the fused SN / BSN: no graph
 breaks, same outputs, gradients and buffers as eager over a few training steps;
+compiled autograd (the backward captured whole) gives eager's gradients;
 mode="reduce-overhead" (CUDA graphs) on a GPU."""
 
 import copy
@@ -92,6 +93,53 @@ def test_compiled_functional_api_without_graph_breaks(device):
     (g_eager,) = torch.autograd.grad(out_eager, weight, grad)
     torch.testing.assert_close(g_compiled, g_eager, **TOL[torch.float32])
 
+
+# ---------------------------------------------------------------------------
+# Compiled autograd: the backward graph captured by dynamo, eager forward.
+
+
+def _legacy_discriminator():
+    def legacy(model):
+        for m in model:
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                bsn_cuda.nn.utils.spectral_norm(m)
+
+    return build_discriminator(legacy)
+
+
+def _compiled_autograd(compiler):
+    from torch._dynamo import compiled_autograd
+
+    enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable
+    return enable(compiler)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["sn", "bsn", "legacy"])
+def test_compiled_autograd_matches_eager(kind, device):
+    # Every fused node (SN, BSN, the legacy order) must be capturable: torch's
+    # compiled autograd refuses C++ nodes with non-differentiable outputs.
+    torch._dynamo.reset()
+    eager = (_legacy_discriminator() if kind == "legacy" else build_discriminator(kind)).to(device)
+    other = copy.deepcopy(eager)
+    captured = []
+
+    def backend(graph, example_inputs):
+        captured.append(graph)
+        return graph.forward
+
+    def compiler(graph):  # fullgraph: the fused nodes' backward is traced, no graph break
+        return torch.compile(graph, backend=backend, fullgraph=True)
+
+    for step in range(2):
+        x = images(step, device=device)
+        eager(x).square().mean().backward()
+        loss = other(x).square().mean()
+        with _compiled_autograd(compiler):
+            loss.backward()
+        for (name, p), q in zip(eager.named_parameters(), other.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, **TOL[torch.float32], msg=f"step {step}: grad of {name}")
+    assert captured, "compiled autograd did not capture the backward"
 
 # ---------------------------------------------------------------------------
 # mode="reduce-overhead": CUDA graphs
