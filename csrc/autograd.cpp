@@ -163,8 +163,9 @@ ForwardResult sn_forward_autograd(const at::Tensor& weight, at::Tensor& u, at::T
 // dispatch mode, functorch or functionalization wrapper, conj/neg bit.
 bool plain_dense(const at::Tensor& t) {
   static const c10::DispatchKeySet plain_keys{
-      c10::DispatchKey::CPU,         c10::DispatchKey::CUDA,        c10::DispatchKey::ADInplaceOrView,
-      c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutogradCUDA};
+      c10::DispatchKey::CPU,         c10::DispatchKey::CUDA,         c10::DispatchKey::ADInplaceOrView,
+      c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutogradCUDA, c10::DispatchKey::AutocastCPU,
+      c10::DispatchKey::AutocastCUDA};
   return plain_keys.isSupersetOf(t.key_set()) && t.layout() == at::kStrided;
 }
 

@@ -556,7 +556,7 @@ void backward(const BackwardParams& p) {
   }
 
   // Both passes (c = <G, W>, then dW) over the same contiguous chunks of
-  // segments, the second in reverse (see chunk_at): SN segments W[p, m, :]
+  // segments, in opposite directions (see chunk_at): SN segments W[p, m, :]
   // (outer * rows of inner elements), BSN rows of W viewed [c_out, c_in * R].
   // SN with inner == 1 (a 2-D weight along dim 1): rows of W2 = [P, M] instead,
   // also for P == 1 (a [1, N] weight, e.g. the legacy flavour's final
@@ -566,6 +566,13 @@ void backward(const BackwardParams& p) {
       transposed ? p.mat[0].rows : (p.num_pairs == 1 ? p.mat[0].inner : p.mat[0].cols());
   const int64_t segments = p.numel / seg_len;
   const Chunks chunks = split_rows(segments, seg_len);
+  // The first pass starts where a training forward's output pass ended (the
+  // same chunks: see chunk_at), so that a backward that follows it directly
+  // finds them in cache: at the last chunk after two passes per power
+  // iteration (BSN, SN on rows of W2: the output pass runs forward), at the
+  // first after one (SN on segments, one iteration: it runs in reverse). The
+  // partial sums are added in chunk order, whatever order computes them.
+  const bool first_reverse = p.num_pairs == 2 || is_transposed_2d(p.mat[0]);
 
   // c = <G, W>: one partial per chunk (over blocks in order), added in chunk order.
   std::vector<A> partial(chunks.count);
@@ -573,7 +580,8 @@ void backward(const BackwardParams& p) {
     constexpr int64_t kBlock = 4096;
     A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(kBlock);
     A* const wbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(kBlock);
-    for (int64_t ch = c0; ch < c1; ++ch) {
+    for (int64_t kk = c0; kk < c1; ++kk) {
+      const int64_t ch = chunk_at(c0, c1, kk, first_reverse);
       const int64_t b = chunks.begin(ch) * seg_len;
       const int64_t e = std::min(segments, chunks.begin(ch + 1)) * seg_len;
       A sum = 0;
@@ -598,7 +606,7 @@ void backward(const BackwardParams& p) {
       A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(M);
       A* const obuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(M);
       for (int64_t kk = c0; kk < c1; ++kk) {
-        const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
+        const int64_t ch = chunk_at(c0, c1, kk, !first_reverse);
         const int64_t q0 = chunks.begin(ch), q1 = std::min(segments, chunks.begin(ch + 1));
         if constexpr (std::is_same_v<T, A>) {
           scaled_diff_rows(a, g + q0 * M, k, v0 + q0, u0, dw + q0 * M, q1 - q0, M);
@@ -619,7 +627,7 @@ void backward(const BackwardParams& p) {
       A* const gbuf = std::is_same_v<T, A> ? nullptr : scratch<A, kGradBuf>(R);
       A* const obuf = std::is_same_v<T, A> ? nullptr : scratch<A, kOutBuf>(R);
       for (int64_t kk = c0; kk < c1; ++kk) {
-        const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
+        const int64_t ch = chunk_at(c0, c1, kk, !first_reverse);
         const int64_t s1 = std::min(segments, chunks.begin(ch + 1));
         // Runs of segments with the same p share v's segment: one call per run
         // (with dim 0 the whole chunk is one run).
@@ -655,7 +663,7 @@ void backward(const BackwardParams& p) {
     A* const obuf = scratch<A, kOutBuf>(L);
     A* const pattern = scratch<A, kPattern>(period);
     for (int64_t kk = c0; kk < c1; ++kk) {
-      const int64_t ch = chunk_at(c0, c1, kk, /*reverse=*/true);
+      const int64_t ch = chunk_at(c0, c1, kk, !first_reverse);
       const int64_t i1 = std::min(rows, chunks.begin(ch + 1));
       for (int64_t i = chunks.begin(ch); i < i1; ++i) {
         const A* grow = as_acc(g + i * L, L, gbuf);

@@ -32,22 +32,32 @@ def _inputs(shape, dtype, seed, layout="contiguous"):
         weight = torch.randn(shape[1], shape[0], *shape[2:], generator=g, dtype=dtype).transpose(0, 1)
     if layout == "channels_last" and weight.dim() == 4:
         weight = weight.contiguous(memory_format=torch.channels_last)
+    if layout == "offset":  # contiguous, at a storage offset (the 2-D alias must keep it)
+        weight = torch.randn(2, *shape, generator=g, dtype=dtype)[1]
     rows, cols = shape[0], weight.numel() // shape[0]
     u = torch.nn.functional.normalize(torch.randn(rows, generator=g, dtype=dtype), dim=0)
     v = torch.nn.functional.normalize(torch.randn(cols, generator=g, dtype=dtype), dim=0)
     return weight, u, v
 
 
+def _same_layout_leaf(weight):
+    """A leaf copy of ``weight`` that requires grad, with its strides and storage offset."""
+    flat = torch.empty(weight.untyped_storage().nbytes() // weight.element_size(), dtype=weight.dtype)
+    copy = flat.as_strided(weight.shape, weight.stride(), weight.storage_offset())
+    copy.copy_(weight)
+    return copy.detach().requires_grad_()
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "offset"])
 @pytest.mark.parametrize("update", [True, False])
 def test_matches_the_composed_op_bitwise(shape, dtype, layout, update):
     weight, u, v = _inputs(shape, dtype, seed=len(shape) * 7 + 1, layout=layout)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
     results = []
     for fn in (_ops.sn_forward_transposed, _composed):
-        w = weight.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        w = _same_layout_leaf(weight)
         uu, vv = u.clone(), v.clone()
         outs = []
         for _ in range(2):  # a second call starts from the updated vectors
