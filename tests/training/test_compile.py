@@ -141,6 +141,7 @@ def test_compiled_autograd_matches_eager(kind, device):
             torch.testing.assert_close(q.grad, p.grad, **TOL[torch.float32], msg=f"step {step}: grad of {name}")
     assert captured, "compiled autograd did not capture the backward"
 
+
 # ---------------------------------------------------------------------------
 # mode="reduce-overhead": CUDA graphs
 
