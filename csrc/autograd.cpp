@@ -159,14 +159,16 @@ ForwardResult sn_forward_autograd(const at::Tensor& weight, at::Tensor& u, at::T
 // ---------------------------------------------------------------------------
 // SN with torch's legacy (v-first) order: the op on W_mat^T. See autograd.h.
 
-// A dense CPU/CUDA tensor with nothing in front of its kernels: no subclass,
-// dispatch mode, functorch or functionalization wrapper, conj/neg bit.
+// A dense CPU/CUDA tensor with nothing in front of its kernels (no subclass,
+// dispatch mode, functorch or functionalization wrapper, conj/neg bit) and
+// concrete sizes (compiled autograd may run a backward on symbolic ones).
 bool plain_dense(const at::Tensor& t) {
   static const c10::DispatchKeySet plain_keys{
       c10::DispatchKey::CPU,         c10::DispatchKey::CUDA,         c10::DispatchKey::ADInplaceOrView,
       c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutogradCUDA, c10::DispatchKey::AutocastCPU,
       c10::DispatchKey::AutocastCUDA};
-  return plain_keys.isSupersetOf(t.key_set()) && t.layout() == at::kStrided;
+  return plain_keys.isSupersetOf(t.key_set()) && t.layout() == at::kStrided &&
+         !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
 }
 
 // W_mat of a weight: its first dimension against the rest (a 1-D weight is
@@ -176,27 +178,27 @@ bool plain_dense(const at::Tensor& t) {
 // not the version counter or autograd metadata, which no caller needs: the
 // op only reads it. Anything else takes reshape.
 at::Tensor rows_matrix(const at::Tensor& t) {
-  if (t.numel() > 0 && t.is_contiguous() && plain_dense(t)) {
+  if (plain_dense(t) && t.numel() > 0 && t.is_contiguous()) {
     auto alias = at::detail::make_tensor<c10::TensorImpl>(
         c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(), t.dtype());
     alias.unsafeGetTensorImpl()->set_storage_offset(t.storage_offset());
     alias.unsafeGetTensorImpl()->set_sizes_contiguous({t.size(0), t.numel() / t.size(0)});
     return alias;
   }
-  return t.reshape({t.size(0), -1});
+  return t.reshape_symint({t.sym_size(0), -1});
 }
 
 // A kernel's fresh, contiguous result in the weight's shape: its sizes are set
 // in place when nothing else holds it, else it is viewed (below autograd: a
 // plain alias, not an autograd view; this node is its only producer).
-at::Tensor in_weight_shape(at::Tensor result, c10::IntArrayRef sizes) {
-  if (result.use_count() == 1 && result.is_contiguous() && plain_dense(result) &&
-      result.unsafeGetTensorImpl()->allow_tensor_metadata_change()) {
-    result.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+at::Tensor in_weight_shape(at::Tensor result, const at::Tensor& weight) {
+  if (plain_dense(result) && plain_dense(weight) && result.use_count() == 1 &&
+      result.is_contiguous() && result.unsafeGetTensorImpl()->allow_tensor_metadata_change()) {
+    result.unsafeGetTensorImpl()->set_sizes_contiguous(weight.sizes());
     return result;
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return result.view(sizes);
+  return result.view_symint(weight.sym_sizes());
 }
 
 class SNTransposedForward : public torch::autograd::Function<SNTransposedForward> {
@@ -210,7 +212,7 @@ class SNTransposedForward : public torch::autograd::Function<SNTransposedForward
     auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1,
                                         n_power_iterations, eps, scale, update);
     save_context(ctx, weight, std::move(state), scale, state_out);
-    return {in_weight_shape(std::move(out), weight.sizes())};
+    return {in_weight_shape(std::move(out), weight)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -219,15 +221,14 @@ class SNTransposedForward : public torch::autograd::Function<SNTransposedForward
     const at::Tensor& weight = saved[0];
     const double scale = ctx->saved_data["scale"].toDouble();
     if (at::GradMode::is_enabled()) {  // create_graph: differentiable reshapes for double backward
-      at::Tensor grad_weight = call_sn_backward(grads[0].reshape({weight.size(0), -1}),
-                                                weight.reshape({weight.size(0), -1}), saved[1],
-                                                /*dim=*/1, scale);
-      return weight_grad_only(grad_weight.view(weight.sizes()), kSNTransposedArgs);
+      at::Tensor grad_weight = call_sn_backward(grads[0].reshape_symint({weight.sym_size(0), -1}),
+                                                weight.reshape_symint({weight.sym_size(0), -1}),
+                                                saved[1], /*dim=*/1, scale);
+      return weight_grad_only(grad_weight.view_symint(weight.sym_sizes()), kSNTransposedArgs);
     }
     at::Tensor grad_weight =
         call_sn_backward(rows_matrix(grads[0]), rows_matrix(weight), saved[1], /*dim=*/1, scale);
-    return weight_grad_only(in_weight_shape(std::move(grad_weight), weight.sizes()),
-                            kSNTransposedArgs);
+    return weight_grad_only(in_weight_shape(std::move(grad_weight), weight), kSNTransposedArgs);
   }
 };
 
@@ -245,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> sn_forward_transposed(const at::Tensor& weigh
   if (!records_graph(weight)) {
     auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1, n_power_iterations,
                                         eps, scale, update);
-    return {in_weight_shape(std::move(out), weight.sizes()), std::move(state)};
+    return {in_weight_shape(std::move(out), weight), std::move(state)};
   }
   at::Tensor state;
   variable_list result =

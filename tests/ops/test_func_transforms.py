@@ -117,7 +117,8 @@ def test_jvp_matches_torch_and_finite_differences(flavour):
     ours, theirs = _pair(flavour, "eval")
     x = _x(3)
     params = _params(ours)
-    tangents = {k: torch.randn_like(v, generator=torch.Generator().manual_seed(7)) for k, v in params.items()}
+    gen = torch.Generator().manual_seed(7)  # (randn_like takes no generator before torch 2.5)
+    tangents = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
 
     def f(model):
         return lambda p: functional_call(model, p, (x,))
