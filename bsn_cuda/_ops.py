@@ -193,6 +193,9 @@ _FALLBACK_LIBRARY = _fallback.register() if HAS_EXTENSION else None
 # differentiable reference runs instead, so derivatives are never missing.
 
 _FAST = _C if HAS_EXTENSION else None
+# For callers that checked is_compiling() and the transforms themselves (the
+# legacy hook's training forward); None where it needs the general path.
+FAST_SN_FORWARD_TRANSPOSED = _C.sn_forward_transposed if HAS_EXTENSION else None
 
 
 def _write_log(log, state, header):

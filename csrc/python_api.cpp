@@ -219,7 +219,10 @@ PyObject* fast_sn_forward_transposed(PyObject* /*self*/, PyObject* const* args, 
     Py_RETURN_NONE;
   }
   const at::Tensor& weight = THPVariable_Unpack(args[0]);
-  if (!has_kernel(weight) || weight.dim() < 1) Py_RETURN_NONE;
+  // Complex weights run torch's own computation (the legacy hook's general path).
+  if (!has_kernel(weight) || weight.dim() < 1 || !at::isFloatingType(weight.scalar_type())) {
+    Py_RETURN_NONE;
+  }
   at::Tensor u = THPVariable_Unpack(args[1]);
   at::Tensor v = THPVariable_Unpack(args[2]);
   ForwardResult result;

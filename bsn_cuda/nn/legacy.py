@@ -31,6 +31,9 @@ from . import eval_cache
 
 __all__ = ["FusedLegacySpectralNorm", "spectral_norm", "remove_spectral_norm", "fuse_legacy_hook"]
 
+# The eager entry point of the legacy order (csrc/python_api.cpp), or None without the extension.
+_FAST_TRANSPOSED = _ops.FAST_SN_FORWARD_TRANSPOSED
+
 # Layers whose default SN dim is 1 (torch's rule, both flavours).
 CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -69,14 +72,19 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
         name = self.name
         d = module.__dict__
         params, buffers = d["_parameters"], d["_buffers"]
-        weight, u, v = params.get(name + "_orig"), buffers.get(name + "_u"), buffers.get(name + "_v")
-        if (module.training and self.dim == 0 and weight is not None and u is not None and v is not None
-                and weight.dtype in _checks.REAL_DTYPES and not onnx_export.is_exporting()):
-            # The training forward of a dim-0 layer (nearly every one): what
-            # compute_weight does for it, without its layers of calls.
+        result = None
+        if (module.training and self.dim == 0 and _FAST_TRANSPOSED is not None and not _context.is_compiling()
+                and not _context.eager_transforms_active() and not onnx_export.is_exporting()):
+            # The eager training forward of a dim-0 layer (nearly every one):
+            # the C++ entry point directly, without compute_weight's layers of
+            # calls. It returns None where the general path is needed.
+            weight, u, v = params.get(name + "_orig"), buffers.get(name + "_u"), buffers.get(name + "_v")
+            if weight is not None and u is not None and v is not None:
+                result = _FAST_TRANSPOSED(weight, u, v, self.n_power_iterations, self.eps, 1.0, True)
+        if result is not None:
             if self._cache is not None:
                 self._cache = None
-            weight = _ops.sn_forward_transposed(weight, u, v, self.n_power_iterations, self.eps, 1.0, True)[0]
+            weight = result[0]
         else:
             weight = self.compute_weight(module, module.training)
         if _context.is_compiling() or name in params or name in buffers:
