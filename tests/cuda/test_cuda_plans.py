@@ -41,7 +41,8 @@ def plan_dump(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler")
     exe = str(tmp_path_factory.mktemp("plans") / "cuda_plan_dump")
-    # libc10's C++ ABI (torch < 2.7 wheels use the pre-C++11 std::string), or TORCH_CHECK does not link.
+    # libc10's C++ ABI (older torch wheels, 2.4 among them, use the pre-C++11 std::string), or TORCH_CHECK
+    # does not link.
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     cmd = [cxx, "-std=c++20", "-O1", abi, "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(TORCH_DIR, "include"),
            os.path.join(ROOT, "tests", "cuda", "cuda_plan_dump.cpp"), os.path.join(ROOT, "csrc", "cuda", "plan.cpp"),

@@ -36,8 +36,8 @@ SCENARIOS = [
 
 def _fully_shard():
     """``torch.distributed.fsdp.fully_shard`` (public from torch 2.6) or None. The
-    private one of torch 2.4/2.5 (torch.distributed._composable.fsdp) initializes
-    CUDA even for CPU tensors, so it cannot run these CPU tests."""
+    private one before it (torch.distributed._composable.fsdp) initializes CUDA
+    even for CPU tensors on torch 2.4.1, so it cannot run these CPU tests."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
