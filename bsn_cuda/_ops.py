@@ -269,8 +269,9 @@ def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
     It is the op on ``W_mat^T``: ``sn_forward(W_mat, u=v, v=u, dim=1)``, whose
     state is ``[sigma, v, u]``. Eager calls run as one autograd node (csrc/autograd.h).
     """
-    if _has_kernel(weight) and not _is_compiling() and not _transforms_active() and _FAST is not None:
-        result = _FAST.sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update)
+    if (FAST_SN_FORWARD_TRANSPOSED is not None and _has_kernel(weight) and not _is_compiling()
+            and not _transforms_active()):
+        result = FAST_SN_FORWARD_TRANSPOSED(weight, u, v, n_power_iterations, eps, scale, update)
         if result is not None:
             return result
     if weight.dim() < 1:

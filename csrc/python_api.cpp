@@ -219,10 +219,11 @@ PyObject* fast_sn_forward_transposed(PyObject* /*self*/, PyObject* const* args, 
     Py_RETURN_NONE;
   }
   const at::Tensor& weight = THPVariable_Unpack(args[0]);
-  // Complex weights run torch's own computation (the legacy hook's general path).
-  if (!has_kernel(weight) || weight.dim() < 1 || !at::isFloatingType(weight.scalar_type())) {
-    Py_RETURN_NONE;
-  }
+  // Dtypes without a kernel (complex: torch's own computation) take the general path.
+  const auto dtype = weight.scalar_type();
+  const bool kernel_dtype = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                            dtype == at::kBFloat16;
+  if (!has_kernel(weight) || weight.dim() < 1 || !kernel_dtype) Py_RETURN_NONE;
   at::Tensor u = THPVariable_Unpack(args[1]);
   at::Tensor v = THPVariable_Unpack(args[2]);
   ForwardResult result;
