@@ -7,6 +7,8 @@ Drop-in module API (see :mod:`bsn_cuda.nn`)::
     layer = bsn_cuda.bidirectional_spectral_norm(torch.nn.Conv2d(64, 128, 3))
     bsn_cuda.convert_spectral_norm(model)      # torch SN (both flavours) -> fused
     bsn_cuda.apply_spectral_norm(model, kind="bsn")
+    bsn_cuda.patch_torch()                     # torch's own names -> fused, for code you don't own
+    with bsn_cuda.cached(): samples = G(z)     # opt-in eval cache for sampling loops
 
 Functional API with caller-held vectors: :mod:`bsn_cuda.functional`; EMA
 copies that keep the power-iteration vectors unit-norm: :mod:`bsn_cuda.ema`. Pure
@@ -17,9 +19,11 @@ reference, with a RuntimeWarning at import).
 
 from . import _ops, diagnostics, ema, functional, reference
 from ._ops import HAS_EXTENSION
+from ._patch import is_torch_patched, patch_torch, unpatch_torch
 from .conv_sn import conv_spectral_norm
 from .nn import (
     apply_spectral_norm,
+    cached,
     bidirectional_spectral_norm,
     convert_spectral_norm,
     get_sigma,
@@ -37,6 +41,10 @@ __all__ = [
     "convert_spectral_norm",
     "apply_spectral_norm",
     "get_sigma",
+    "cached",
+    "patch_torch",
+    "unpatch_torch",
+    "is_torch_patched",
     "conv_spectral_norm",
     "diagnostics",
     "spectral_norm_checkpoint_context",

@@ -38,7 +38,10 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
         stacklevel=2,
     )
 
-__all__ = ["HAS_EXTENSION", "EXTENSION_ERROR", "OP_DEVICES", "sn_forward", "sn_forward_transposed", "bsn_forward"]
+__all__ = [
+    "HAS_EXTENSION", "EXTENSION_ERROR", "OP_DEVICES", "sn_forward", "sn_forward_transposed", "bsn_forward",
+    "log_writable",
+]
 
 _NAMESPACE = "bsn_cuda"
 _OP_NAMES = ("sn_forward", "sn_backward", "bsn_forward", "bsn_backward")
@@ -269,8 +272,9 @@ def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
     It is the op on ``W_mat^T``: ``sn_forward(W_mat, u=v, v=u, dim=1)``, whose
     state is ``[sigma, v, u]``. Eager calls run as one autograd node (csrc/autograd.h).
     """
+    # Not while jit traces: the C++ node reshapes outside the dispatcher, which a trace would not record.
     if (FAST_SN_FORWARD_TRANSPOSED is not None and _has_kernel(weight) and not _is_compiling()
-            and not _transforms_active()):
+            and not _transforms_active() and not torch.jit.is_tracing()):
         result = FAST_SN_FORWARD_TRANSPOSED(weight, u, v, n_power_iterations, eps, scale, update)
         if result is not None:
             return result
@@ -282,15 +286,26 @@ def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
     return out.view(weight.shape), state
 
 
+def log_writable():
+    """Whether a forward may write the sigma log (get_sigma's buffer).
+
+    Not under torch.func transforms or forward-mode AD: there the state may be
+    batched or wrapped, and a write to a buffer the transformed function
+    captured is an error (torch's SN writes nothing in eval mode, so neither
+    may we). get_sigma then keeps the last eager forward's value.
+    """
+    return not _transforms_active()
+
+
 def _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log):
     out, state = reference.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update)
-    if log is not None:
+    if log is not None and log_writable():
         _write_log(log, state.detach(), 1)
     return out, state
 
 
 def _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log):
     out, state = reference.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
-    if log is not None:
+    if log is not None and log_writable():
         _write_log(log, state.detach(), 3)
     return out, state

@@ -103,7 +103,7 @@ TOL = {
 }
 
 # The power-iteration vectors of SN (_u, _v) and BSN (one pair per matricization).
-VECTOR_NAMES = ("_u", "_v", "_u0", "_v0", "_u1", "_v1")
+VECTOR_NAMES = ("_u", "_v", "_u0", "_v0", "_u1", "_v1", "weight_u", "weight_v")  # (the last: legacy flavour)
 
 
 def power_vectors(model):

@@ -22,8 +22,8 @@ the power-iteration vectors unchanged instead of filling them with NaN.
 Layout: ``parametrizations`` (the SN/BSN parametrization classes), ``api``
 (register/remove/convert/apply/get_sigma), ``legacy`` (the fused hook-based
 flavour), ``compat`` (legacy checkpoints into the parametrization),
-``pickling``, ``checkpoint`` (activation checkpointing), ``utils`` (torch's
-namespace).
+``pickling``, ``checkpoint`` (activation checkpointing), ``eval_cache`` (the
+opt-in eval cache, :func:`cached`), ``utils`` (torch's namespace, mirrored).
 """
 
 from . import utils
@@ -37,6 +37,7 @@ from .api import (
     spectral_norm,
 )
 from .checkpoint import spectral_norm_checkpoint_context
+from .eval_cache import cached
 from .legacy import FusedLegacySpectralNorm
 from .parametrizations import PARAMETRIZATIONS, BidirectionalSpectralNorm, SpectralNorm
 
@@ -52,6 +53,7 @@ __all__ = [
     "apply_spectral_norm",
     "get_sigma",
     "spectral_norm_checkpoint_context",
+    "cached",
     "SPECTRAL_NORM_LAYERS",
     "utils",
 ]

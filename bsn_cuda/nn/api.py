@@ -4,11 +4,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as TorchSpectralNorm
-from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySpectralNorm
 
 from .._checks import check_hyperparameters, check_module, check_name
 from .compat import add_legacy_checkpoint_hook, remove_legacy_checkpoint_hook
-from .legacy import CONV_TRANSPOSE, FusedLegacySpectralNorm, fuse_legacy_hook
+from . import legacy
+from .legacy import CONV_TRANSPOSE, FusedLegacySpectralNorm, TorchLegacySpectralNorm, fuse_legacy_hook
 from .parametrizations import PARAMETRIZATIONS, BidirectionalSpectralNorm, SpectralNorm
 from .pickling import make_picklable
 
@@ -46,7 +46,7 @@ def _get_weight(module, name, stacking):
             f"'{name}' of {type(module).__name__} already has a spectral norm; remove it first "
             "(bsn_cuda.remove_spectral_norm), or use bsn_cuda.convert_spectral_norm for torch's"
         )
-    if _legacy_hook(module, name) is not None:
+    if legacy.legacy_hook(module, name) is not None:
         raise ValueError(
             f"'{name}' of {type(module).__name__} has a legacy (hook-based) spectral norm; "
             "remove it first (bsn_cuda.nn.utils.remove_spectral_norm)"
@@ -118,13 +118,6 @@ def _find_ours(module, name, kinds=PARAMETRIZATIONS):
     raise ValueError(f"spectral_norm of '{name}' not found in {module}")
 
 
-def _legacy_hook(module, name):
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, TorchLegacySpectralNorm) and hook.name == name:
-            return hook
-    return None
-
-
 def remove_spectral_norm(module, name="weight"):
     """Remove our SN or BSN from ``module.<name>``, leaving ``W_sn`` as a plain tensor.
 
@@ -136,8 +129,8 @@ def remove_spectral_norm(module, name="weight"):
     """
     check_module(module)
     check_name(name)
-    if not parametrize.is_parametrized(module, name) and _legacy_hook(module, name) is not None:
-        return torch.nn.utils.remove_spectral_norm(module, name)
+    if not parametrize.is_parametrized(module, name) and legacy.legacy_hook(module, name) is not None:
+        return legacy.remove_spectral_norm(module, name)
     norm = _find_ours(module, name)
     plist = module.parametrizations[name]
     if len(plist) != 1:
@@ -178,11 +171,6 @@ def _convert_parametrized(module):
 
 
 def _legacy_to_parametrized(module):
-    from torch.nn.utils.spectral_norm import (
-        SpectralNormLoadStateDictPreHook as LegacyLoadHook,
-        SpectralNormStateDictHook as LegacyStateDictHook,
-    )
-
     from .compat import _unwrap_hook
 
     for key, fn in list(module._forward_pre_hooks.items()):
@@ -194,8 +182,8 @@ def _legacy_to_parametrized(module):
         v = module._buffers[name + "_v"]
         del module._forward_pre_hooks[key]
         for hooks, kind in (
-            (module._state_dict_hooks, LegacyStateDictHook),
-            (module._load_state_dict_pre_hooks, LegacyLoadHook),
+            (module._state_dict_hooks, legacy.SpectralNormStateDictHook),
+            (module._load_state_dict_pre_hooks, legacy.SpectralNormLoadStateDictPreHook),
         ):
             for hook_key, hook in list(hooks.items()):
                 inner = _unwrap_hook(hook)
@@ -252,7 +240,7 @@ def _has_spectral_norm(module, name):
     if parametrize.is_parametrized(module, name):
         if any(isinstance(p, PARAMETRIZATIONS + (TorchSpectralNorm,)) for p in module.parametrizations[name]):
             return True
-    return _legacy_hook(module, name) is not None
+    return legacy.legacy_hook(module, name) is not None
 
 
 def apply_spectral_norm(model, kind="sn", n_power_iterations=1, eps=1e-12, scale=1.0):

@@ -8,28 +8,47 @@ Its power iteration runs ``v`` first: ``v = normalize(W^T u)``,
 That is the u-first iteration of the fused op applied to ``W^T``: with the
 roles of the vectors swapped, ``sn_forward(W_mat, u=v, v=u, dim=1)`` computes
 exactly torch's legacy update, sigma and output (``W_mat = W.movedim(dim, 0)``
-reshaped to 2-D, a view for ``dim=0``). So registration is torch's own (same
-checks, RNG draws, buffers, state-dict hooks and version metadata, same
-loading of torch < 1.0 checkpoints that lack ``<name>_v``), and only the hook
-object's class is ours: :class:`FusedLegacySpectralNorm` overrides
-``compute_weight``. torch's ``remove_spectral_norm`` and isinstance checks
-keep working on it, and converting a torch legacy layer is a class swap that
-keeps every key and vector.
+reshaped to 2-D, a view for ``dim=0``). Registration
+(:meth:`FusedLegacySpectralNorm.apply`) does what torch's does (same checks,
+RNG draws, buffers, state-dict hooks, which are torch's own classes, and
+version metadata, same loading of torch < 1.0 checkpoints that lack
+``<name>_v``); the hook is a subclass of torch's, so torch's
+``remove_spectral_norm`` and isinstance checks keep working on it, and
+converting a torch legacy layer is a class swap that keeps every key and
+vector. :mod:`bsn_cuda.nn.utils.spectral_norm` mirrors torch's module with
+these names.
 
 Differences from torch, as everywhere in bsn_cuda: sigma == 0 gives ``W``
 (torch: NaN), and a non-finite weight leaves ``u``/``v`` as they were.
-Complex weights run torch's own computation.
+Complex weights run torch's own computation. A training forward re-run by
+activation checkpointing inside the backward pass does not iterate again
+(torch's does), as in the parametrization.
+
+torch's classes are bound here at import and torch's functions are never
+called, so assigning ours over torch's names
+(``torch.nn.utils.spectral_norm = bsn_cuda.nn.utils.spectral_norm``, or
+:func:`bsn_cuda.patch_torch`) cannot make them call themselves.
 """
 
+import sys
+
 import torch
+import torch.nn.functional as F
+import torch.nn.utils.spectral_norm  # noqa: F401  (loads the module; the attribute is the function)
 from torch import nn
-from torch.nn.utils.spectral_norm import SpectralNorm as TorchLegacySpectralNorm
-from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook
 
 from .. import _checks, _context, _ops, onnx_export
 from . import eval_cache
 
-__all__ = ["FusedLegacySpectralNorm", "spectral_norm", "remove_spectral_norm", "fuse_legacy_hook"]
+__all__ = [
+    "FusedLegacySpectralNorm", "SpectralNormStateDictHook", "SpectralNormLoadStateDictPreHook", "spectral_norm",
+    "remove_spectral_norm", "fuse_legacy_hook", "legacy_hook",
+]
+
+_TORCH_LEGACY = sys.modules["torch.nn.utils.spectral_norm"]
+TorchLegacySpectralNorm = _TORCH_LEGACY.SpectralNorm
+SpectralNormStateDictHook = _TORCH_LEGACY.SpectralNormStateDictHook
+SpectralNormLoadStateDictPreHook = _TORCH_LEGACY.SpectralNormLoadStateDictPreHook
 
 # The eager entry point of the legacy order (csrc/python_api.cpp), or None without the extension.
 _FAST_TRANSPOSED = _ops.FAST_SN_FORWARD_TRANSPOSED
@@ -38,13 +57,19 @@ _FAST_TRANSPOSED = _ops.FAST_SN_FORWARD_TRANSPOSED
 CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update):
+def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transposed=None):
     """``(W / sigma, state)`` with torch's legacy (v-first) power iteration on ``u``, ``v`` in place.
 
-    ``state`` is the op's state for ``W_mat^T`` (``[sigma, v, u]``) when
-    ``update``, else for ``W_mat`` along ``dim`` (``[sigma, u, v]``).
+    ``transposed`` (default: ``update``) runs the op on ``W_mat^T``, the
+    training forward's orientation; its state is ``[sigma, v, u]``. Otherwise
+    the op runs along ``dim`` (state ``[sigma, u, v]``). A training forward
+    re-run by activation checkpointing passes ``update=False,
+    transposed=True``: no iteration, and an autograd graph that saves the same
+    tensors, in the same order, as the forward it replays.
     """
-    if not update:
+    if transposed is None:
+        transposed = update
+    if not transposed:
         # No iteration: sigma = u^T W_mat v is the same in either orientation,
         # and the op along `dim` reads W row by row in one pass. (A 1-D weight
         # is the matrix [n, 1], as in torch.)
@@ -60,39 +85,94 @@ def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update):
 
 
 class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
-    """torch's legacy SN hook with the weight computed by the fused op.
+    """torch's legacy SN hook (``torch.nn.utils.spectral_norm.SpectralNorm``) with the weight computed by the fused op.
 
-    In eval mode with no autograd graph recorded, an unchanged weight is not
-    recomputed (bsn_cuda.nn.eval_cache), as in the parametrization.
+    ``bsn_cuda.nn.utils.spectral_norm.SpectralNorm`` is this class: code that
+    calls ``SpectralNorm.apply(module, name, n_power_iterations, dim, eps)``
+    or subclasses it runs fused. It is a subclass of torch's, so isinstance
+    checks and torch's ``remove_spectral_norm`` keep working on it.
+
+    In eval mode with no autograd graph recorded, inside ``bsn_cuda.cached()``,
+    an unchanged weight is not recomputed (:mod:`bsn_cuda.nn.eval_cache`), as
+    in the parametrization.
     """
 
     _cache = None
+
+    @staticmethod
+    def apply(module, name, n_power_iterations, dim, eps):
+        """Register the fused legacy SN on ``module.<name>``, as torch's ``SpectralNorm.apply`` does.
+
+        Same checks and exception types, the same RNG draws (``u`` then ``v``,
+        normal, then normalized), the same Parameter, buffers, plain
+        ``module.<name>`` attribute and state-dict hooks. Returns the hook.
+        """
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, TorchLegacySpectralNorm) and hook.name == name:
+                raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+        fn = FusedLegacySpectralNorm(name, n_power_iterations, dim, eps)
+        if name not in module._parameters:
+            raise KeyError(f"spectral_norm: expected '{name}' to be a parameter of {type(module).__name__}, "
+                           f"got none of that name (parameters: {sorted(module._parameters)})")
+        weight = module._parameters[name]
+        if weight is None:
+            raise ValueError(f"spectral_norm: expected parameter '{name}' to be a tensor, got None")
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"spectral_norm: expected '{name}' to be initialized, got an uninitialized parameter; "
+                "run a dummy forward through the lazy module first")
+        with torch.no_grad():
+            rows, cols = fn.reshape_weight_to_matrix(weight).shape
+            u = F.normalize(weight.new_empty(rows).normal_(0, 1), dim=0, eps=fn.eps)
+            v = F.normalize(weight.new_empty(cols).normal_(0, 1), dim=0, eps=fn.eps)
+        delattr(module, name)
+        module.register_parameter(name + "_orig", weight)
+        setattr(module, name, weight.data)  # a plain tensor until the first forward, as torch's
+        module.register_buffer(name + "_u", u)
+        module.register_buffer(name + "_v", v)
+        module.register_forward_pre_hook(fn)
+        module._register_state_dict_hook(SpectralNormStateDictHook(fn))
+        module._register_load_state_dict_pre_hook(SpectralNormLoadStateDictPreHook(fn))
+        return fn
 
     def __call__(self, module, inputs):
         name = self.name
         d = module.__dict__
         params, buffers = d["_parameters"], d["_buffers"]
-        result = None
-        if (module.training and self.dim == 0 and _FAST_TRANSPOSED is not None and not _context.is_compiling()
-                and not _context.eager_transforms_active() and not onnx_export.is_exporting()):
-            # The eager training forward of a dim-0 layer (nearly every one):
-            # the C++ entry point directly, without compute_weight's layers of
-            # calls. It returns None where the general path is needed.
-            weight, u, v = params.get(name + "_orig"), buffers.get(name + "_u"), buffers.get(name + "_v")
-            if weight is not None and u is not None and v is not None:
-                result = _FAST_TRANSPOSED(weight, u, v, self.n_power_iterations, self.eps, 1.0, True)
-        if result is not None:
-            if self._cache is not None:
-                self._cache = None
-            weight = result[0]
+        training = module.training
+        if type(self).compute_weight is not _FUSED_COMPUTE_WEIGHT:
+            # A subclass (DUE-style) computes the weight its own way: call it, as torch's hook does.
+            weight = self.compute_weight(module, training)
         else:
-            weight = self.compute_weight(module, module.training)
+            # A training forward re-run by activation checkpointing (inside
+            # backward) does not iterate again, but builds the same graph.
+            update = training and not _context.in_backward_pass()
+            result = None
+            if (training and self.dim == 0 and _FAST_TRANSPOSED is not None and _context.is_plain_eager()
+                    and not onnx_export.is_exporting()):
+                # The eager training forward of a dim-0 layer (nearly every one):
+                # the C++ entry point directly, without compute_weight's layers of
+                # calls. It returns None where the general path is needed. Not
+                # while jit traces (is_plain_eager): it reshapes outside the
+                # dispatcher, which a trace would not record.
+                weight, u, v = params.get(name + "_orig"), buffers.get(name + "_u"), buffers.get(name + "_v")
+                if weight is not None and u is not None and v is not None:
+                    result = _FAST_TRANSPOSED(weight, u, v, self.n_power_iterations, self.eps, 1.0, update)
+            if result is not None:
+                if self._cache is not None:
+                    self._cache = None
+                weight = result[0]
+            else:
+                weight = self._compute(module, update, training)
         if _context.is_compiling() or name in params or name in buffers:
             setattr(module, name, weight)
         else:  # what Module.__setattr__ ends in for a plain tensor attribute, minus its checks
             d[name] = weight
 
     def compute_weight(self, module, do_power_iteration):
+        return self._compute(module, do_power_iteration, do_power_iteration)
+
+    def _compute(self, module, update, transposed):
         # The dicts first (Module.__getattr__ costs a microsecond per lookup), then
         # getattr for modules that keep them elsewhere.
         name = self.name
@@ -105,19 +185,19 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
         if u is None or v is None:
             u, v = getattr(module, name + "_u"), getattr(module, name + "_v")
         if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops, no u/v update
-            onnx_export.check_eval(do_power_iteration, "nn.utils.spectral_norm")
+            onnx_export.check_eval(update, "nn.utils.spectral_norm")
             return onnx_export.sn_eval_graph(weight, u, v, self.dim)
         if weight.dtype not in _checks.REAL_DTYPES:  # complex: torch's own computation
-            return super().compute_weight(module, do_power_iteration)
-        if (do_power_iteration or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference()
-                or not _context.is_plain_eager()):
+            return TorchLegacySpectralNorm.compute_weight(self, module, update)
+        if (transposed or not eval_cache.enabled() or (torch.is_grad_enabled() and weight.requires_grad)
+                or weight.is_inference() or not _context.is_plain_eager()):
             if self._cache is not None:
                 self._cache = None
-            return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, do_power_iteration)[0]
+            return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, update, transposed)[0]
         out = eval_cache.lookup(self._cache, weight, (u, v))
         if out is None:
-            out, self._cache = eval_cache.store(
-                lambda: legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, False)[0],
+            out = eval_cache.store(
+                self, lambda: legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, False)[0],
                 weight, (u, v))
         return out
 
@@ -125,6 +205,9 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
         state = self.__dict__.copy()
         state.pop("_cache", None)  # never pickle or deep-copy the cached output
         return state
+
+
+_FUSED_COMPUTE_WEIGHT = FusedLegacySpectralNorm.compute_weight
 
 
 def fuse_legacy_hook(hook):
@@ -137,6 +220,14 @@ def fuse_legacy_hook(hook):
         raise TypeError(f"expected a torch.nn.utils.spectral_norm hook, got {type(hook).__name__}")
     hook.__class__ = FusedLegacySpectralNorm
     return hook
+
+
+def legacy_hook(module, name):
+    """The legacy SN hook (torch's or ours) of ``module.<name>``, or None."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, TorchLegacySpectralNorm) and hook.name == name:
+            return hook
+    return None
 
 
 def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
@@ -155,27 +246,34 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
     _checks.check_name(name)
     if dim is None:
         dim = 1 if isinstance(module, CONV_TRANSPOSE) else 0
-    torch.nn.utils.spectral_norm(module, name, n_power_iterations, eps, dim)
-    for hook in module._forward_pre_hooks.values():
-        if type(hook) is TorchLegacySpectralNorm and hook.name == name:
-            fuse_legacy_hook(hook)
+    FusedLegacySpectralNorm.apply(module, name, n_power_iterations, dim, eps)
     return module
 
 
+def _drop_hook(hooks, kind, name):
+    for key, hook in list(hooks.items()):
+        inner = getattr(hook, "hook", hook)  # torch may store a hook wrapped (_WrappedHook)
+        if isinstance(inner, kind) and inner.fn.name == name:
+            del hooks[key]
+            return
+
+
 def remove_spectral_norm(module, name="weight"):
-    """Remove the legacy spectral norm (fused or torch's) of ``module.<name>``: as
-    ``torch.nn.utils.remove_spectral_norm``, whose behaviour this is
-    (``module.<name>`` becomes a Parameter holding the normalized weight,
-    computed without a power iteration), except that loading a plain
-    checkpoint into the module afterwards works (torch's leaves its load hook
-    behind). Returns ``module``."""
+    """Remove the legacy spectral norm (fused or torch's) of ``module.<name>``, as
+    ``torch.nn.utils.remove_spectral_norm`` does: ``module.<name>`` becomes a
+    Parameter holding the normalized weight, computed without a power
+    iteration. Unlike torch's, its state-dict load hook goes too (torch's
+    misses it when stored wrapped), so a plain checkpoint loads afterwards.
+    Returns ``module``."""
     _checks.check_module(module)
     _checks.check_name(name)
-    torch.nn.utils.remove_spectral_norm(module, name)
-    # torch's remove misses its load pre-hook when torch stored it wrapped
-    # (_WrappedHook), which then breaks loading a plain checkpoint: drop it.
-    for key, hook in list(module._load_state_dict_pre_hooks.items()):
-        inner = getattr(hook, "hook", hook)
-        if isinstance(inner, SpectralNormLoadStateDictPreHook) and inner.fn.name == name:
-            del module._load_state_dict_pre_hooks[key]
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, TorchLegacySpectralNorm) and hook.name == name:
+            hook.remove(module)
+            del module._forward_pre_hooks[key]
+            break
+    else:
+        raise ValueError(f"spectral_norm of '{name}' not found in {module}")
+    _drop_hook(module._state_dict_hooks, SpectralNormStateDictHook, name)
+    _drop_hook(module._load_state_dict_pre_hooks, SpectralNormLoadStateDictPreHook, name)
     return module

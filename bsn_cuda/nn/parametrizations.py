@@ -33,12 +33,13 @@ class _NormParametrization(nn.Module):
     (``log``: the sigma log buffer to write, or None) and ``_LOG`` (that
     buffer's name), and ``_vector_names`` (their power-iteration buffers).
 
-    **Eval cache.** In eval mode, when no autograd graph is recorded (no_grad,
-    inference_mode, or a weight that does not require grad) and nothing traces
-    the call (compile, export, jit, torch.func), the output of the last eval
-    forward is returned again if the weight (same tensor), the vectors and the
-    returned tensor itself are unchanged (version counters). Any training
-    forward, power iteration or mode switch drops it.
+    **Eval cache** (opt-in, inside ``bsn_cuda.cached()``; see
+    :mod:`bsn_cuda.nn.eval_cache`). In eval mode, when no autograd graph is
+    recorded (no_grad, inference_mode, or a weight that does not require grad)
+    and nothing traces the call (compile, export, jit, torch.func), the output
+    of the last eval forward in the context is returned again if the weight
+    (same tensor), the vectors and the returned tensor itself are unchanged.
+    Any training forward, power iteration or mode switch drops it.
     """
 
     _LOG = "_sigma"
@@ -73,13 +74,14 @@ class _NormParametrization(nn.Module):
 
     def _eval_no_graph(self, weight):
         log = self._buffers[self._LOG]
-        if not _context.is_plain_eager() or weight.is_inference():  # (the cache is eager-only)
+        # The cache is opt-in (bsn_cuda.cached()) and eager-only.
+        if not eval_cache.enabled() or not _context.is_plain_eager() or weight.is_inference():
             return self._run(weight, self.n_power_iterations, False, log)[0]
         vectors = [self._buffers[name] for name in self._vector_names]
         out = eval_cache.lookup(self._cache, weight, vectors)
         if out is None:
-            out, self._cache = eval_cache.store(
-                lambda: self._run(weight, self.n_power_iterations, False, log)[0], weight, vectors)
+            out = eval_cache.store(self, lambda: self._run(weight, self.n_power_iterations, False, log)[0], weight,
+                                   vectors)
         return out
 
     def train(self, mode=True):
@@ -123,7 +125,7 @@ class _NormParametrization(nn.Module):
 
     def _log_vector_norm(self, weight, log):
         # 1-D weights: sigma is ||W||.
-        if log is not None:
+        if log is not None and _ops.log_writable():
             with torch.no_grad():
                 log.fill_(torch.linalg.vector_norm(weight.detach().to(log.dtype)))
 
@@ -183,7 +185,7 @@ class SpectralNorm(_NormParametrization):
         if self._complex:
             out, state = _complex.sn_forward(weight, b["_u"], b["_v"], self.dim, n_power_iterations, self.eps,
                                              self.scale, update)
-            if log is not None:
+            if log is not None and _ops.log_writable():
                 log.copy_(state)
             return out, state
         return _ops.sn_forward(weight, b["_u"], b["_v"], self.dim, n_power_iterations, self.eps, self.scale,

@@ -1,6 +1,6 @@
-"""The eval cache (bsn_cuda/nn/eval_cache.py): eval forwards without a recorded
-graph reuse the last output while nothing it depends on changed, and never
-return a stale one."""
+"""Eval forwards return the current weight, whatever way it was written, and the
+opt-in cache (``bsn_cuda.cached()``, bsn_cuda/nn/eval_cache.py) reuses the last
+output only inside its context and only while nothing it can observe changed."""
 
 import pytest
 import torch
@@ -50,15 +50,88 @@ def _fresh(layer):
     return reference.sn_forward(w, norm._u, norm._v, norm.dim, 1, norm.eps, 1.0, False)[0]
 
 
-@pytest.mark.parametrize("kind", ["sn", "bsn", "legacy"])
-def test_unchanged_weight_is_not_recomputed_and_changes_are_seen(kind):
+KINDS = ["sn", "bsn", "legacy"]
+
+
+def _write(layer, how, generator):
+    """Change the weight (or u) the way user code does, bypassing version counters where it does."""
+    p = _original(layer)
+    new = torch.randn(p.shape, generator=generator) * 5
+    if how == "data_copy":  # EMA (BigGAN, ema-pytorch), FastGAN's load_params
+        p.data.copy_(new)
+    elif how == "data_assign":
+        p.data = new
+    elif how == "vector_to_parameters":
+        torch.nn.utils.vector_to_parameters(new.flatten(), [p])
+    elif how == "data_clamp":  # WGAN weight clipping
+        p.data.clamp_(-0.01, 0.01)
+    elif how == "u_data_copy":
+        u = _vectors(layer)[0]
+        u.data.copy_(nn.functional.normalize(torch.randn(u.shape, generator=generator), dim=0))
+    else:
+        raise AssertionError(how)
+
+
+def _context(name):
+    return torch.inference_mode() if name == "inference_mode" else torch.no_grad()
+
+
+WRITES = ["data_copy", "data_assign", "vector_to_parameters", "data_clamp", "u_data_copy"]
+
+
+@pytest.mark.parametrize("how", WRITES)
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_forward_sees_every_kind_of_write(kind, context, how):
+    # Failed on eb13708: the eval cache (then on by default, keyed on versions)
+    # returned the weight normalized before a .data write.
+    layer = _layers()[kind].eval()
+    x = torch.randn(1, 3, 5, 5)
+    g = torch.Generator().manual_seed(1)
+    with _context(context):
+        layer(x)
+        layer(x)
+    _write(layer, how, g)
+    with _context(context):
+        out = layer(x)
+    expected = nn.functional.conv2d(x, _fresh(layer), layer.bias)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_detached_copy_with_grad_enabled_sees_data_writes(kind):
+    # EMA copies detach their parameters, so grad-enabled eval forwards record no
+    # graph: the path the cache used to take even outside no_grad.
+    layer = _layers()[kind].eval().requires_grad_(False)
+    x = torch.randn(1, 3, 5, 5)
+    layer(x)
+    _original(layer).data.mul_(0.5).add_(1.0)
+    torch.testing.assert_close(layer(x), nn.functional.conv2d(x, _fresh(layer), layer.bias))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_cache_outside_the_context(kind):
     layer = _layers()[kind].eval()
     with torch.no_grad():
+        assert _weight(layer) is not _weight(layer)
+    assert _cache_of(layer) is None
+
+
+def _cache_of(layer):
+    if hasattr(layer, "weight_u"):
+        return next(iter(layer._forward_pre_hooks.values()))._cache
+    return layer.parametrizations.weight[0]._cache
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_reuses_an_unchanged_weight_and_sees_counted_changes(kind):
+    layer = _layers()[kind].eval()
+    with bsn_cuda.cached(), torch.no_grad():
         first = _weight(layer)
         assert _weight(layer) is first  # answered by the cache
         torch.testing.assert_close(first, _fresh(layer))
 
-        _original(layer).mul_(2)  # the weight changed in place
+        _original(layer).mul_(2)  # the weight changed in place (its version counter moves)
         second = _weight(layer)
         assert second is not first
         torch.testing.assert_close(second, _fresh(layer))
@@ -73,28 +146,47 @@ def test_unchanged_weight_is_not_recomputed_and_changes_are_seen(kind):
         assert fourth is not third
         torch.testing.assert_close(fourth, _fresh(layer))
 
+        _original(layer).data = torch.randn(_original(layer).shape)  # new storage, same tensor and version
+        fifth = _weight(layer)
+        assert fifth is not fourth
+        torch.testing.assert_close(fifth, _fresh(layer))
+    assert _cache_of(layer) is None  # dropped with the context, and the tensors it held
 
-@pytest.mark.parametrize("kind", ["sn", "bsn", "legacy"])
+
+def test_cached_nests_and_drops_entries_when_the_outermost_context_exits():
+    layer = _layers()["sn"].eval()
+    with bsn_cuda.cached(), torch.no_grad():
+        first = _weight(layer)
+        with bsn_cuda.cached():
+            assert _weight(layer) is first
+        assert _cache_of(layer) is not None and _weight(layer) is first
+    assert _cache_of(layer) is None
+    with torch.no_grad():
+        assert _weight(layer) is not first
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_training_and_recorded_graphs_never_use_the_cache(kind):
     layer = _layers()[kind].eval()
-    with torch.no_grad():
-        cached = _weight(layer)
-    out = _weight(layer)  # grad enabled, weight requires grad: a graph is recorded
-    assert out is not cached and out.requires_grad
-    layer.train()
-    trained = _weight(layer)  # training: iterates, vectors change
-    assert trained is not cached
-    layer.eval()
-    with torch.no_grad():
-        after = _weight(layer)
-        assert after is not cached
-        torch.testing.assert_close(after, _fresh(layer))
+    with bsn_cuda.cached():
+        with torch.no_grad():
+            cached = _weight(layer)
+        out = _weight(layer)  # grad enabled, weight requires grad: a graph is recorded
+        assert out is not cached and out.requires_grad
+        layer.train()
+        trained = _weight(layer)  # training: iterates, vectors change
+        assert trained is not cached
+        layer.eval()
+        with torch.no_grad():
+            after = _weight(layer)
+            assert after is not cached
+            torch.testing.assert_close(after, _fresh(layer))
 
 
-@pytest.mark.parametrize("kind", ["sn", "bsn", "legacy"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_inference_mode_output_tracks_in_place_changes(kind):
     layer = _layers()[kind].eval()
-    with torch.inference_mode():
+    with bsn_cuda.cached(), torch.inference_mode():
         first = _weight(layer)
         assert not first.is_inference()  # a normal tensor, so that its version counter works
         assert _weight(layer) is first
@@ -107,7 +199,7 @@ def test_functional_call_with_other_vectors_is_not_answered_from_the_cache():
 
     layer = _layers()["sn"].eval()
     x = torch.randn(1, 3, 5, 5)
-    with torch.no_grad():
+    with bsn_cuda.cached(), torch.no_grad():
         layer(x)  # fills the cache
         norm = layer.parametrizations.weight[0]
         other_u = -norm._u.clone()  # same version counter value as the buffer, another tensor
@@ -121,9 +213,8 @@ def test_cache_is_not_pickled():
     import copy
 
     layer = _layers()["sn"].eval()
-    with torch.no_grad():
+    with bsn_cuda.cached(), torch.no_grad():
         cached = _weight(layer)
-    clone = copy.deepcopy(layer)
-    assert clone.parametrizations.weight[0]._cache is None
-    with torch.no_grad():
+        clone = copy.deepcopy(layer)
+        assert clone.parametrizations.weight[0]._cache is None
         torch.testing.assert_close(_weight(clone), cached)

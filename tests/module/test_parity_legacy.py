@@ -355,3 +355,47 @@ def test_bad_arguments_raise_torchs_exception_types(impl):
         api.spectral_norm(nn.LazyLinear(4))
     with pytest.raises(ValueError):
         api.remove_spectral_norm(nn.Linear(3, 4))
+
+
+def test_jit_trace_records_the_weight(impl):
+    """torch.jit.trace of a legacy-SN model: the traced module computes from the
+    current weight and iterates u/v like eager. Training mode: torch's own
+    legacy SN cannot run traced (its out= normalize refuses autograd), so ours
+    is checked against its eager run instead; the training fast path's alias,
+    built outside the dispatcher, must not become a constant in the trace."""
+    x = torch.randn(2, 2, 5, dtype=torch.float64)
+
+    def build(api):
+        m = nn.Sequential(nn.Conv1d(2, 3, 3).double(), nn.Flatten(), nn.Linear(9, 2).double())
+        api.spectral_norm(m[0])
+        api.spectral_norm(m[2])
+        return m
+
+    def eval_scenario(api):
+        m = build(api).eval()
+        traced = torch.jit.trace(m, x, check_trace=False)
+        with torch.no_grad():
+            m[0].weight_orig.mul_(-3)  # the traced module holds the same Parameter
+        out = traced(x)
+        assert_close(out, m(x), "traced vs eager")
+        return {"out": out}
+
+    run_scenario(impl, legacy_api, eval_scenario)
+    if impl == "torch":
+        return
+    torch.manual_seed(0)
+    m = build(legacy_api(impl)).train()
+    eager = copy.deepcopy(m)
+    traced = torch.jit.trace(m, x, check_trace=False)  # one training forward
+    eager(x)
+    for step in range(2):
+        with torch.no_grad():
+            for model in (m, eager):
+                model[0].weight_orig.mul_(-3).add_(0.1)
+        out, want = traced(x), eager(x)
+        assert_close(out, want, f"step {step}: traced vs eager")
+        for name in ("weight_u", "weight_v"):
+            assert_close(getattr(m[0], name), getattr(eager[0], name), f"step {step}: {name}")
+        (g,) = torch.autograd.grad(out.sum(), m[0].weight_orig)
+        (g_want,) = torch.autograd.grad(want.sum(), eager[0].weight_orig)
+        assert_close(g, g_want, f"step {step}: gradient")
