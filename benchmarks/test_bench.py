@@ -199,3 +199,20 @@ def test_every_figure_is_drawn_from_a_synthetic_result(tmp_path):
     cpu_only = dict(result, measurements=[r for r in result["measurements"] if r["device"] == "cpu"])
     assert sorted(os.path.basename(p) for p in P.figures(cpu_only, str(tmp_path / "c"))) == [
         "c_all_points.png", "c_bsn_cost.png", "c_host.png", "c_speedup.png"]
+
+
+def test_model_step_models_and_table():
+    from bsn_cuda.benchmark import model_step as M
+
+    assert sum(count for *_, count in M.MODEL_SUITES["bert_linear"]) == 74
+    model = M.build_model("sngan_cnn", "fused_sn")
+    assert len(model.layers) == 8 and all(hasattr(m, "parametrizations") for m in model.layers)
+    assert model().ndim == 0  # every layer runs on its minimal input
+    # The table's SN cost is step - no_sn; its ratios come from the records.
+    us = {"no_sn": 100, "identity": 120, "torch_sn": 500, "torch_legacy": 450, "fused_sn": 200, "fused_legacy": 190,
+          "kernel_floor": 50}
+    records = [{"suite": "sngan_cnn", "forwards": 2, "impl": k, "median_s": v * 1e-6} for k, v in us.items()]
+    row = M.model_step_table(records).splitlines()[-1]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[:3] == ["sngan_cnn", "8", "2"]
+    assert cells[-3:] == ["4.00x", "2.00", "10.0 µs"]  # (500-100)/(200-100); (200-100)/50; (200-120)/8
