@@ -15,8 +15,8 @@ from .e2e import E2E_VARIANTS, e2e_layer_estimates, run_e2e
 from .environment import environment, tune_malloc
 from .measure import run_suite
 from .plot import plot
-from .report import (FALLBACK_WARNING, e2e_table, env_text, host_table, print_goals_and_summary, suite_tables,
-                     to_markdown)
+from .report import (FALLBACK_WARNING, disturbed, e2e_table, env_text, host_table, load_note, print_goals_and_summary,
+                     suite_tables, to_markdown)
 from .suites import (ALL_SUITES, DEFAULT_IMPLS, DTYPES, E2E, FUSED, IMPLS, MODES, QUICK_IMPLS, QUICK_SUITES, SUITES,
                      merge_layers)
 from .summary import judge_goals, summarize
@@ -141,7 +141,8 @@ def build_parser():
                    help="skip the host-overhead section (tiny weights, see bsn_cuda.benchmark.host_overhead)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--from-json", metavar="PATH",
-                   help="measure nothing: redraw --plot and --markdown from a result written by --json")
+                   help="measure nothing: redraw --plot and --markdown from a result written by --json (summary and "
+                        "goals are recomputed from its records)")
     return p
 
 
@@ -207,9 +208,8 @@ def run(args):
             else:
                 bar_total += len(merge_layers(SUITES[s]["layers"])) * len(impls) * len(modes)
     print(env_text(result), flush=True)
-    if env.get("loadavg") and env["loadavg"][0] > 0.5 and any(d.type == "cpu" for d in devices):
-        print(f"note: the 1-minute load average is {env['loadavg'][0]:.2f} before starting; other processes "
-              "compete for the CPU and inflate (mostly the spread of) the CPU timings", flush=True)
+    if load_note(env):
+        print(f"note: {load_note(env)}", flush=True)
     for d in devices:
         native = env["devices"][str(d)]["fused_native"]
         if not native and any(i in FUSED for i in impls):
@@ -245,15 +245,12 @@ def run(args):
                 progress.write("\n" + suite_tables(result, str(d), suite))
     finally:
         progress.close()
-    result["summary"], result["models"] = summarize(result["measurements"])
-    native_by_device = {k: v["fused_native"] for k, v in env["devices"].items()}
     if not args.no_host and any(d.type == "cpu" for d in devices):
         print("\n== host overhead: µs per call (median) on tiny weights, module and functional API ==", flush=True)
         result["host"] = host_overhead.run_host_overhead(
             None if not args.quick else Budget(warmup=20, min_reps=100, max_reps=2000, min_time=0.03, max_time=0.2))
-        result["host_goals"] = host_overhead.judge_host_goals(result["host"], native_by_device.get("cpu", False))
         print(host_table(result["host"]), flush=True)
-    result["goals"] = judge_goals(result["summary"], native_by_device, args.dtype, torch.get_num_threads())
+    conclude(result)
     result["elapsed_s"] = time.time() - t_start
     result["waited_for_quiet_s"] = wait_budget0 - WaitBudget.left
     try:
@@ -269,14 +266,24 @@ def run(args):
     for d in devices:
         if not env["devices"][str(d)]["fused_native"] and any(i in FUSED for i in impls):
             print("\n" + FALLBACK_WARNING.format(dev=d, has=env.get("has_extension")))
-    cpu_recs = [r for r in result["measurements"] if r["device"] == "cpu" and "median_s" in r and not r.get("reused")]
-    bad = [r for r in cpu_recs if r.get("contended")]
-    retried = [r for r in cpu_recs if r.get("tries", 1) > 1]
-    result["contended_cases"] = len(bad)
+    n_cpu, retried, bad = disturbed(result)
+    result["contended_cases"] = bad
     if retried:
-        print(f"\n{len(retried)} of {len(cpu_recs)} CPU cases were disturbed by other processes and measured again; "
-              f"{len(bad)} stayed disturbed (marked '!' in the tables: treat them with suspicion).")
+        print(f"\n{retried} of {n_cpu} CPU cases were disturbed by other processes and measured again; "
+              f"{bad} stayed disturbed (marked '!' in the tables: treat them with suspicion).")
     print(f"\nelapsed {result['elapsed_s']:.1f} s", flush=True)
+    return result
+
+
+def conclude(result):
+    """Summary, model totals and goals from a result's records, in place: a run's,
+    or a saved one's (an older JSON then gets this version's verdicts)."""
+    native_by_device = {k: v["fused_native"] for k, v in result["env"]["devices"].items()}
+    result["summary"], result["models"] = summarize(result["measurements"])
+    if result.get("host"):
+        result["host_goals"] = host_overhead.judge_host_goals(result["host"], native_by_device.get("cpu", False))
+    result["goals"] = judge_goals(result["summary"], native_by_device, result["config"]["dtype"],
+                                  result["env"]["torch_num_threads"])
     return result
 
 
@@ -292,7 +299,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
-            result = json.load(f)
+            result = conclude(json.load(f))
         args.json = None
     else:
         result = run(args)

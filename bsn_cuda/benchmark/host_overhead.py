@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .summary import ratio_band, verdict
 from .timing import Budget, time_cpu_interleaved, warm_up_cpu
 
 __all__ = ["KINDS", "IMPLS", "MODES", "GOALS", "Identity", "run_host_overhead", "judge_host_goals", "host_index",
@@ -154,6 +155,8 @@ def us_per_call(rec):
 
 
 def judge_host_goals(records, native=True):
+    """The host goals per kind, each with its value, the band from the per-call
+    quartiles and the verdict of :func:`.summary.verdict`."""
     idx = host_index(records)
     goals = []
     for gid, text, mode, metric, op, thr in GOALS:
@@ -163,11 +166,14 @@ def judge_host_goals(records, native=True):
                 continue
             num, den = (torch_sn, fused) if metric == "vs_torch" else (fused, ident)
             val = us_per_call(num) / us_per_call(den)
-            ok = val >= thr if op == ">=" else val <= thr
-            status = ("met" if ok else "NOT met") if native else "not judged (reference fallback, no fused ops)"
-            goals.append({"id": gid, "goal": f"{text} [{KINDS[kind][0]}]", "device": "cpu", "value": val,
-                          "op": op, "threshold": thr, "status": status,
-                          "caveat": "contended" if fused.get("contended") or torch_sn.get("contended") else ""})
+            g = {"id": gid, "goal": f"{text} [{KINDS[kind][0]}]", "device": "cpu", "value": val,
+                 "op": op, "threshold": thr, "band": ratio_band(num, den),
+                 "caveat": "contended" if fused.get("contended") or torch_sn.get("contended") else ""}
+            if native:
+                g.update(verdict(val, op, thr, g["band"]))
+            else:
+                g["status"] = "not judged (reference fallback, no fused ops)"
+            goals.append(g)
     return goals
 
 

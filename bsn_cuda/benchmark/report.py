@@ -9,7 +9,8 @@ from .suites import BSN_RATIO, COMPARISONS, E2E, FUSED, SUITES, bsn_effective
 from .summary import index, ratio
 
 __all__ = ["FALLBACK_WARNING", "suite_tables", "summary_table", "goals_text", "e2e_table", "env_text",
-           "host_table", "host_goals_text", "to_markdown", "print_goals_and_summary"]
+           "host_table", "host_goals_text", "status_text", "goal_numbers", "load_note", "disturbed", "to_markdown",
+           "print_goals_and_summary"]
 
 
 def _fmt_t(s):
@@ -168,13 +169,30 @@ def summary_table(result, markdown=False, wall=False):
     return text_table(headers, rows)
 
 
+def status_text(goal):
+    """A goal's verdict as the reports write it (MET / NOT MET stand out)."""
+    st = goal["status"]
+    return st.upper() if st in ("met", "NOT met") else st
+
+
+def goal_numbers(goal):
+    """'value (op threshold; margin, spread)' of a judged goal."""
+    if goal["value"] is None:
+        return "-"
+    thr = "-" if goal["threshold"] is None else f"{goal['threshold']:.3g}"
+    out = f"{goal['value']:.2f} ({goal['op']} {thr}"
+    if goal.get("margin") is not None:
+        out += f"; margin {goal['margin']:+.2f}"
+        out += "" if goal.get("spread") is None else f", spread {goal['spread']:.2f}"
+    return out + ")"
+
+
 def goals_text(result, markdown=False):
     lines = []
     for g in result["goals"]:
-        val = "-" if g["value"] is None else f"{g['value']:.2f}"
         cav = f" [{g['caveat']}]" if g.get("caveat") else ""
-        lines.append(f"{'- ' if markdown else '  '}{g['status'].upper() if g['status'] in ('met', 'NOT met') else g['status']}: "
-                     f"{g['goal']} on {g['device']}: {val} ({g['op']} {g['threshold']}){cav}")
+        lines.append(f"{'- ' if markdown else '  '}{status_text(g)}: {g['goal']} on {g['device']}: "
+                     f"{goal_numbers(g)}{cav}")
     return "\n".join(lines) if lines else "  (no goal applies to the suites/modes run)"
 
 
@@ -224,6 +242,22 @@ def env_text(result):
     return "\n".join(lines)
 
 
+def load_note(env):
+    """The warning of a run that started on a busy machine (None if it did not)."""
+    load = env.get("loadavg")
+    if not load or load[0] <= 0.5 or not any(d.startswith("cpu") for d in env["devices"]):
+        return None
+    return (f"the 1-minute load average is {load[0]:.2f} before starting; other processes compete for the CPU "
+            "and inflate (mostly the spread of) the CPU timings")
+
+
+def disturbed(result):
+    """(CPU cases measured, cases measured again because other processes
+    disturbed them, cases that stayed disturbed)."""
+    recs = [r for r in result["measurements"] if r["device"] == "cpu" and "median_s" in r and not r.get("reused")]
+    return len(recs), sum(1 for r in recs if r.get("tries", 1) > 1), sum(1 for r in recs if r.get("contended"))
+
+
 FALLBACK_WARNING = (
     "!!! WARNING: the compiled bsn_cuda ops do not serve {dev} (HAS_EXTENSION={has}). The 'fused' columns are\n"
     "!!! the pure-PyTorch REFERENCE FALLBACK, labelled 'ref-fallback'; they are not fused-op numbers and no\n"
@@ -264,6 +298,10 @@ def to_markdown(result):
                       "warm L2; the table above uses GPU time per call with L2 flushed):", "", wall, ""]
         parts += [
             "### Goals",
+            "",
+            "Each: value (op threshold; margin: how far the value clears it; spread: how far the ratio's band "
+            "from the quartiles of the per-call times, and a measured threshold's band, reach toward the other "
+            "side). MET needs a margin larger than the spread; within noise: the run cannot tell.",
             "",
             goals_text(result, markdown=True),
             "",
@@ -317,21 +355,20 @@ def host_table(records, markdown=False):
     us = host.us_per_call
     head = ["weight", "mode", "identity", "torch SN", "fused", "functional", "fused vs torch", "fused / identity"]
     rows = []
-    for kind in host.KINDS:
-        for mode in host.MODES:
-            r = {impl: idx.get((kind, mode, impl)) for impl in host.IMPLS}
-            if any(v is None for v in r.values()):
-                continue
-            rows.append([host.KINDS[kind][0], mode] + [f"{us(r[i]):.1f}" for i in host.IMPLS] + [
-                f"{us(r['torch_sn']) / us(r['fused']):.2f}x", f"{us(r['fused']) / us(r['identity']):.2f}"])
+    # kinds and modes in the records' order: a saved run may have modes this version does not
+    for kind, mode in dict.fromkeys((r["kind"], r["mode"]) for r in records):
+        r = {impl: idx.get((kind, mode, impl)) for impl in host.IMPLS}
+        if any(v is None for v in r.values()):
+            continue
+        rows.append([r["fused"].get("title", kind), mode] + [f"{us(r[i]):.1f}" for i in host.IMPLS] + [
+            f"{us(r['torch_sn']) / us(r['fused']):.2f}x", f"{us(r['fused']) / us(r['identity']):.2f}"])
     if markdown:
         return md_table(head, rows)
     return text_table(head, rows, aligns=["<", "<"] + [">"] * (len(head) - 2))
 
 
 def host_goals_text(goals):
-    return "\n".join(f"  {g['status'].upper() if g['status'] in ('met', 'NOT met') else g['status']}: {g['goal']}: "
-                     f"{g['value']:.2f} ({g['op']} {g['threshold']})" + (f" [{g['caveat']}]" if g["caveat"] else "")
+    return "\n".join(f"  {status_text(g)}: {g['goal']}: {goal_numbers(g)}" + (f" [{g['caveat']}]" if g["caveat"] else "")
                      for g in goals)
 
 

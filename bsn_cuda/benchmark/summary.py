@@ -1,5 +1,9 @@
 """From records to conclusions: per-layer ratios, geometric means over a suite's
-layers, model totals (sum over layers with multiplicity) and the goals judged."""
+layers, model totals (sum over layers with multiplicity) and the goals judged.
+
+Every ratio comes with a band from the quartiles of the per-call times (the
+spread the benchmark records for each case): a goal is met only when its
+margin exceeds that spread (see :func:`verdict`)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import math
 
 from .suites import ALL_SUITES, BSN_RATIO, COMPARISONS, GOALS, IMPLS, MODES, bsn_effective
 
-__all__ = ["geomean", "index", "ratio", "summarize", "judge_goals"]
+__all__ = ["geomean", "index", "ratio", "ratio_band", "summarize", "verdict", "judge_goals"]
 
 
 def geomean(xs):
@@ -38,6 +42,28 @@ def ratio(row, num, den, metric="median_s"):
     return a / b
 
 
+def ratio_band(num, den):
+    """[low, high] of time(num) / time(den) from the two records' quartiles of
+    per-call times (q1/q3 .. q3/q1), or None where they are not recorded."""
+    try:
+        lo, hi = num["q1_s"] / den["q3_s"], num["q3_s"] / den["q1_s"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    return [lo, hi] if 0 < lo <= hi and math.isfinite(hi) else None
+
+
+def _geo_band(bands):
+    """The geometric means of the bands' low and high ends (None if any is missing)."""
+    if not bands or any(b is None for b in bands):
+        return None
+    return [geomean([b[0] for b in bands]), geomean([b[1] for b in bands])]
+
+
+def _row_band(row, num, den):
+    a, b = row.get(num), row.get(den)
+    return ratio_band(a, b) if a and b else None
+
+
 def summarize(records):
     """Per (device, suite, mode): geomean speedups over layers and model totals."""
     idx = index(records)
@@ -53,6 +79,8 @@ def summarize(records):
         eff = [r for r in rows if bsn_effective(tuple(next(iter(r.values()))["shape"]))]
         s[key] = geomean([ratio(r, num, den) for r in eff])
         s["bsn_sn_layers"] = len(eff)
+        s["band"] = {k: _geo_band([_row_band(r, n, d_) for r in rows]) for k, n, d_, _ in COMPARISONS}
+        s["band"][key] = _geo_band([_row_band(r, num, den) for r in eff])
         s["contended"] = sum(1 for r in rows for rec in r.values() if rec.get("contended"))
         if dev.startswith("cuda"):
             # the same from host wall-clock throughput (launch overhead included, warm L2)
@@ -72,8 +100,34 @@ def summarize(records):
         summary.append(s)
         models.append(m)
     order = {n: i for i, n in enumerate(ALL_SUITES)}
-    key = lambda d: (d["device"], order.get(d["suite"], 99), MODES.index(d["mode"]))  # noqa: E731
+    # modes this version does not know (a newer or older JSON) sort last
+    key = lambda d: (d["device"], order.get(d["suite"], 99),  # noqa: E731
+                     MODES.index(d["mode"]) if d["mode"] in MODES else len(MODES))
     return sorted(summary, key=key), sorted(models, key=key)
+
+
+def verdict(value, op, threshold, band=None, threshold_band=None):
+    """{"status", "margin", "spread"} of one goal.
+
+    margin: how far the value clears the threshold (negative: misses it).
+    spread: how far the value's band and the threshold's band (a threshold that
+    is itself a measured ratio has one) reach toward each other on that side.
+    "met" needs margin > spread, "NOT met" -margin > spread; in between the
+    result is "within noise". Without a band the status is the value's side
+    alone, labelled "(no spread recorded)"."""
+    up = op == ">="
+    margin = (value - threshold) if up else (threshold - value)
+    if band is None:
+        status = "met" if margin >= 0 else "NOT met"
+        return {"status": f"{status} (no spread recorded)", "margin": margin, "spread": None}
+    t_lo, t_hi = threshold_band or (threshold, threshold)
+    # the value's end and the threshold's end that move toward the other side
+    if (margin >= 0) == up:
+        spread = (value - band[0]) + (t_hi - threshold)
+    else:
+        spread = (band[1] - value) + (threshold - t_lo)
+    status = "met" if margin > spread else "NOT met" if -margin > spread else "within noise"
+    return {"status": status, "margin": margin, "spread": spread}
 
 
 def judge_goals(summary, native_by_device, dtype_name, threads):
@@ -84,17 +138,19 @@ def judge_goals(summary, native_by_device, dtype_name, threads):
                 continue
             dev = s["device"]
             val = s.get(key)
+            bands = s.get("band") or {}
+            thr_band = None
             if isinstance(thr, str):  # a threshold that is another metric of the same summary row
+                thr_band = bands.get(thr)
                 thr = s.get(thr)
-                thr = None if thr is None else round(thr, 2)
-            g = {"id": gid, "goal": text, "device": dev, "value": val, "op": op, "threshold": thr}
+            g = {"id": gid, "goal": text, "device": dev, "value": val, "op": op, "threshold": thr,
+                 "band": bands.get(key), "threshold_band": thr_band}
             if not native_by_device.get(dev, False):
                 g["status"] = "not judged (reference fallback, no fused ops)"
             elif val is None or thr is None:
                 g["status"] = "not measured"
             else:
-                ok = val >= thr if op == ">=" else val <= thr
-                g["status"] = "met" if ok else "NOT met"
+                g.update(verdict(val, op, thr, g["band"], thr_band))
             caveats = []
             if not dev.startswith("cpu"):
                 caveats.append("the goal is set for the 2-core CPU")
@@ -106,8 +162,7 @@ def judge_goals(summary, native_by_device, dtype_name, threads):
             if s.get("contended"):
                 caveats.append(f"{s['contended']} of its measurements were disturbed by other processes")
             g["caveat"] = "; ".join(caveats)
-            if informative and g["status"] in ("met", "NOT met"):
+            if informative and "margin" in g:
                 g["status"] = f"informative ({g['status']})"
             goals.append(g)
     return goals
-
