@@ -15,6 +15,7 @@ from .e2e import E2E_VARIANTS, e2e_layer_estimates, run_e2e
 from .environment import environment, tune_malloc
 from .measure import run_suite
 from .plot import plot
+from .readme import markdown_into
 from .report import (FALLBACK_WARNING, disturbed, e2e_table, env_text, host_table, load_note, print_goals_and_summary,
                      suite_tables, to_markdown)
 from .suites import (ALL_SUITES, DEFAULT_IMPLS, DTYPES, E2E, FUSED, IMPLS, MODES, QUICK_IMPLS, QUICK_SUITES, SUITES,
@@ -140,9 +141,12 @@ def build_parser():
     p.add_argument("--no-host", action="store_true",
                    help="skip the host-overhead section (tiny weights, see bsn_cuda.benchmark.host_overhead)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--markdown-into", metavar="PATH",
+                   help="rewrite the generated regions of a markdown file (the README's speed section: "
+                        "<!-- bsn_cuda:generated speed-... --> markers) from this result")
     p.add_argument("--from-json", metavar="PATH",
-                   help="measure nothing: redraw --plot and --markdown from a result written by --json (summary and "
-                        "goals are recomputed from its records)")
+                   help="measure nothing: redraw --plot, --markdown and --markdown-into from a result written by "
+                        "--json (summary and goals are recomputed from its records)")
     return p
 
 
@@ -317,4 +321,9 @@ def main(argv=None):
     if args.plot:
         for path in plot(result, args.plot):
             print(f"wrote {path}")
+    if args.markdown_into:
+        missing = markdown_into(args.markdown_into, result, args.from_json or args.json)
+        print(f"updated the generated regions of {args.markdown_into}")
+        if missing:
+            print(f"note: {args.markdown_into} has no region for {', '.join(missing)}")
     return 0
