@@ -56,6 +56,11 @@ def variants(c):
     ]
 
 
+def lipschitz_bound(entry):
+    """Upper bound on D's Lipschitz constant from a saved probe entry (see summarize)."""
+    return math.prod(entry["eff_sigma_strict"][:-1]) * entry["eff_sigma_mat0"][-1]
+
+
 def summarize(reports):
     g = [r.grad_norm for r in reports]
     return {
@@ -204,7 +209,7 @@ def main(argv=None):
         for part in ("init", "train"):
             for v in result[part].values():
                 for t in v.get("trace", [v]):
-                    t["lipschitz_bound"] = math.prod(t["eff_sigma_strict"][:-1]) * t["eff_sigma_mat0"][-1]
+                    t["lipschitz_bound"] = lipschitz_bound(t)
         with open(args.out + ".md", "w") as f:
             f.write(markdown(result))
         plot(result, args.out + ".png")
