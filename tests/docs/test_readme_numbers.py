@@ -4,7 +4,8 @@ The regions between ``bsn_cuda:generated`` markers must be exactly what the
 generators write from the committed results (benchmarks/results/cpu.json for
 the speed section, examples/results/*.json for the BSN evidence), and the
 hand-written text around them may quote a measured quantity (a number with
-x, times, µs, ms, s or %) only if the generated text gives the same one.
+x, times, µs, ms, s or %, or a ratio with two or more decimals) only if the
+generated text gives the same one.
 """
 
 import json
@@ -30,16 +31,25 @@ CPU_JSON = os.path.join("benchmarks", "results", "cpu.json")
 SPEED_COMMAND = f"python -m bsn_cuda.benchmark --from-json {CPU_JSON} --markdown-into README.md"
 EVIDENCE_COMMAND = "python examples/evidence.py"
 
-# Quantities in hand-written text that are not measurements. Each needs a reason.
+# Numbers in hand-written text that are not measurements. Each needs a reason.
 NOT_MEASURED = {
     "1x": "Figure 1's dashed parity line",
     "4-9%": "Guarantees (the lead's section): the EMA model's scale-up that tests/training/test_ema.py provokes, "
             "a test's observation, not a benchmark result",
+    "2009.02773": "the paper's arXiv id",
+    "3.10": "a Python version (Platforms)",
+    "3.12": "a Python version (Platforms)",
+    "3.13": "a Python version (Platforms)",
+    "2.11": "the GPU image's torch version (Platforms)",
+    "0.999": "Adam's beta2, a setting of the examples",
 }
 
 # a number, or a range "a-b" / "a to b", followed by a unit; "3x3" and "2x64" are shapes, not quantities
 QUANTITY = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s?(?:-|–|to)\s?(\d+(?:\.\d+)?))?\s?(x|×|times|µs|us|ms|s|%)(?!\w)")
 UNIT = {"×": "x", "times": "x", "us": "µs"}
+# a ratio without a unit ("BSN/SN 1.34"): two or more decimals, not part of a version like 2.14.1
+DECIMAL = re.compile(r"(?<![\w.])\d+\.\d{2,}(?!\w)(?!\.\d)")
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
 
@@ -49,27 +59,32 @@ def _read(path):
 
 
 def quantities(text):
-    """{(value, unit)} for each number (each end of a range) with a unit in `text`."""
+    """{(number as written, unit)} for each number (each end of a range) with a unit in
+    `text`; as written, so that a rounded "2.6x" is not taken for a table's "2.60x"."""
     out = set()
     for m in QUANTITY.finditer(text):
         unit = UNIT.get(m.group(3), m.group(3))
-        out |= {(float(n), unit) for n in m.group(1, 2) if n is not None}
+        out |= {(n, unit) for n in m.group(1, 2) if n is not None}
     return out
 
 
 def unsupported(page, generated):
-    """The quantities in the prose of `page` (code blocks and generated regions
-    left out) that the generated text does not give, as written."""
+    """The quantities and unitless ratios in the prose of `page` (code blocks and
+    generated regions left out) that the generated text does not give, as written."""
     prose = FENCE.sub("", markers.prose(page))
-    known = quantities(generated)
-    bad = []
+    with_unit, numbers = quantities(generated), set(NUMBER.findall(generated))
+    bad, spans = [], []
     for m in QUANTITY.finditer(prose):
-        if " ".join(m.group(0).split()) in NOT_MEASURED:
-            continue
-        if not quantities(m.group(0)) <= known:
-            line = prose.count("\n", 0, m.start()) + 1
-            bad.append(f"{m.group(0)!r} in: {prose.splitlines()[line - 1].strip()}")
-    return bad
+        spans.append(m.span())
+        if " ".join(m.group(0).split()) not in NOT_MEASURED and not quantities(m.group(0)) <= with_unit:
+            bad.append(m)
+    for m in DECIMAL.finditer(prose):
+        inside = any(a <= m.start() < b for a, b in spans)
+        if not inside and m.group(0) not in NOT_MEASURED and m.group(0) not in numbers:
+            bad.append(m)
+    lines = prose.splitlines()
+    return [f"{m.group(0)!r} in: {lines[prose.count(chr(10), 0, m.start())].strip()}"
+            for m in sorted(bad, key=lambda m: m.start())]
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +144,13 @@ def test_prose_quotes_only_generated_quantities(path, speed, bsn):
 def test_quantities_are_found_as_written():
     """The scan reads ranges and units, and leaves shapes and names alone."""
     assert quantities("2.6x to 3.5x, 0.1-0.4% of a 1.5 s step, 25 µs, 13.6 times") == {
-        (2.6, "x"), (3.5, "x"), (0.1, "%"), (0.4, "%"), (1.5, "s"), (25.0, "µs"), (13.6, "x")}
+        ("2.6", "x"), ("3.5", "x"), ("0.1", "%"), ("0.4", "%"), ("1.5", "s"), ("25", "µs"), ("13.6", "x")}
     assert quantities("3x3 kernels, batch 2x64, 2 seeds, 800 steps, v1.5") == set()
-    assert unsupported("a 3.76x gain, and 25 µs", "| 3.76x |") == ["'25 µs' in: a 3.76x gain, and 25 µs"]
+    assert unsupported("a 3.76x gain, 2.6x, and 25 µs", "| 3.76x | 2.60x | 25 |") == [
+        "'2.6x' in: a 3.76x gain, 2.6x, and 25 µs", "'25 µs' in: a 3.76x gain, 2.6x, and 25 µs"]
+    # unitless ratios: checked against any number of the generated text; versions are not ratios
+    assert unsupported("BSN/SN 1.38, module-level 1.34, torch 2.14.1.", "| 1.38 (1.41) |") == [
+        "'1.34' in: BSN/SN 1.38, module-level 1.34, torch 2.14.1."]
 
 
 def test_markers_reject_broken_regions():
