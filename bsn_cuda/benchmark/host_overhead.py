@@ -162,13 +162,15 @@ def judge_host_goals(records, native=True):
     for gid, text, mode, metric, op, thr in GOALS:
         for kind in KINDS:
             fused, torch_sn, ident = (idx.get((kind, mode, i)) for i in ("fused", "torch_sn", "identity"))
+            g = {"id": gid, "goal": f"{text} [{KINDS[kind][0]}]", "device": "cpu", "op": op, "threshold": thr}
             if fused is None or torch_sn is None or ident is None:
+                # a saved run from before this mode existed: the goal shows, unjudged
+                goals.append(dict(g, value=None, band=None, caveat="", status=f"not measured (no {mode} records)"))
                 continue
             num, den = (torch_sn, fused) if metric == "vs_torch" else (fused, ident)
             val = us_per_call(num) / us_per_call(den)
-            g = {"id": gid, "goal": f"{text} [{KINDS[kind][0]}]", "device": "cpu", "value": val,
-                 "op": op, "threshold": thr, "band": ratio_band(num, den),
-                 "caveat": "contended" if fused.get("contended") or torch_sn.get("contended") else ""}
+            g.update(value=val, band=ratio_band(num, den),
+                     caveat="contended" if fused.get("contended") or torch_sn.get("contended") else "")
             if native:
                 g.update(verdict(val, op, thr, g["band"]))
             else:

@@ -53,12 +53,9 @@ def _band(value, band):
 def goals_block(result):
     rows = []
     for g in result["goals"] + result.get("host_goals", []):
-        if g["value"] is None:
-            measured = needed = "-"
-        else:
-            measured = _band(g["value"], g.get("band"))
-            needed = "-" if g["threshold"] is None else f"{g['op']} " + (
-                _band(g["threshold"], g.get("threshold_band")) if g.get("threshold_band") else f"{g['threshold']:.3g}")
+        measured = "-" if g["value"] is None else _band(g["value"], g.get("band"))
+        needed = "-" if g["threshold"] is None else f"{g['op']} " + (
+            _band(g["threshold"], g.get("threshold_band")) if g.get("threshold_band") else f"{g['threshold']:.3g}")
         margin = "-" if g.get("margin") is None else f"{g['margin']:+.2f}"
         spread = "-" if g.get("spread") is None else f"{g['spread']:.2f}"
         verdict = status_text(g) + (f" ({g['caveat']})" if g.get("caveat") else "")

@@ -75,3 +75,13 @@ def test_host_goals_carry_band_and_verdict():
     goals = [g for g in host_overhead.judge_host_goals(recs) if g["id"] == "host_train_3id"]
     assert len(goals) == len(host_overhead.KINDS)
     assert all(g["status"] == "met" and g["band"][0] < g["value"] < g["band"][1] for g in goals), goals
+
+
+def test_a_host_goal_without_records_shows_unjudged():
+    """A saved run older than a goal's mode (e.g. eval_cached) lists the goal as not measured."""
+    recs = [{"kind": kind, "mode": "train", "impl": impl, "median_s": 1e-5, "q1_s": 1e-5, "q3_s": 1e-5}
+            for kind in host_overhead.KINDS for impl in host_overhead.IMPLS]
+    goals = host_overhead.judge_host_goals(recs)
+    assert len(goals) == len(host_overhead.GOALS) * len(host_overhead.KINDS)
+    missing = {g["status"] for g in goals if g["value"] is None}
+    assert missing == {f"not measured (no {mode} records)" for _, _, mode, *_ in host_overhead.GOALS if mode != "train"}
