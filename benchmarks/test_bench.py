@@ -23,6 +23,7 @@ pytest.importorskip("pytest_benchmark")
 pytest.importorskip("bsn_cuda")
 
 from bsn_cuda import benchmark as B  # noqa: E402
+from bsn_cuda.benchmark import markers as M  # noqa: E402
 from bsn_cuda.benchmark import plot as P  # noqa: E402
 from bsn_cuda.benchmark.suites import merge_layers  # noqa: E402
 
@@ -63,15 +64,25 @@ def test_sngan_layer(benchmark, base, impl, mode):
 
 
 def test_benchmark_cli_smoke(tmp_path, capsys):
-    """The command line runs end to end and writes its JSON, markdown and plot."""
+    """The command line runs end to end and writes its JSON, markdown, plot and README blocks."""
     out = tmp_path / "r"
+    readme = tmp_path / "README.md"
+    names = ["speed-run", "speed-summary", "speed-e2e", "speed-host", "speed-goals", "speed-headline"]
+    readme.write_text("".join(f"{M.OPEN.format(n)}\n{M.CLOSE}\n" for n in names))
     argv = [
         "--device", "cpu", "--suite", "sngan_cnn,e2e", "--mode", "train,fwd_bwd",
         "--impls", "torch_sn,torch_legacy,fused_sn,fused_bsn", "--quick", "--retries", "0",
         "--e2e-batch", "2", "--e2e-reps", "1", "--no-progress",
         "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--plot", str(out / "r"),
+        "--markdown-into", str(readme),
     ]
     assert B.main(argv) == 0
+    blocks = M.regions(readme.read_text())
+    assert sorted(blocks) == sorted(names) and all(blocks.values()), blocks
+    assert "`--quick`" in blocks["speed-run"]
+    row = next(r for r in blocks["speed-goals"].splitlines() if "fused SN >= 3x torch parametrized SN" in r)
+    measured, needed, margin, spread, verdict = [c.strip() for c in row.strip("|").split("|")][2:]
+    assert needed == ">= 3" and float(spread) >= 0 and verdict, row  # judged with the run's spread
     text = capsys.readouterr().out
     assert "goals" in text and "sngan_cnn" in text
     import json
