@@ -121,8 +121,8 @@ def verdict(value, op, threshold, band=None, threshold_band=None):
         status = "met" if margin >= 0 else "NOT met"
         return {"status": f"{status} (no spread recorded)", "margin": margin, "spread": None}
     t_lo, t_hi = threshold_band or (threshold, threshold)
-    # the value's end and the threshold's end that move toward the other side
-    if (margin >= 0) == up:
+    # the ends of the value's and the threshold's bands that reach toward each other
+    if value >= threshold:
         spread = (value - band[0]) + (t_hi - threshold)
     else:
         spread = (band[1] - value) + (threshold - t_lo)
