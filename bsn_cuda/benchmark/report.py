@@ -368,8 +368,8 @@ def host_table(records, markdown=False):
 
 
 def host_goals_text(goals):
-    return "\n".join(f"  {status_text(g)}: {g['goal']}: {goal_numbers(g)}" + (f" [{g['caveat']}]" if g["caveat"] else "")
-                     for g in goals)
+    return "\n".join(f"  {status_text(g)}: {g['goal']}: {goal_numbers(g)}"
+                     + (f" [{g['caveat']}]" if g["caveat"] else "") for g in goals)
 
 
 def print_goals_and_summary(result, write):
