@@ -203,11 +203,10 @@ def sweep_block(path, sweep):
 
 def evidence_blocks(results=RESULTS):
     """{block name: markdown} from the saved results in `results`."""
-    probe_paths = sorted(glob.glob(os.path.join(results, "probe*.json")))
-    probes = [(p, _load(p)) for p in probe_paths]
-    first = next(pr for p, pr in probes if os.path.basename(p) == "probe.json")
-    init_path = os.path.join(results, "probe.json")
-    blocks = {"bsn-init": init_block(init_path, first), "bsn-init-sigmas": init_sigmas_block(init_path, first)}
+    probes = [(p, _load(p)) for p in sorted(glob.glob(os.path.join(results, "probe*.json")))]
+    init_path = os.path.join(results, "probe.json")  # part A: the run the others reuse (--init-from)
+    init = _load(init_path)
+    blocks = {"bsn-init": init_block(init_path, init), "bsn-init-sigmas": init_sigmas_block(init_path, init)}
     for path, probe in probes:
         blocks["bsn-" + os.path.splitext(os.path.basename(path))[0]] = probe_block(path, probe)
     blocks["bsn-probe-compare"] = compare_block(probes)
