@@ -192,12 +192,36 @@ def _check_state(op, state, weight, expected_size):
     )
 
 
+def check_variant(op, weight, coeff, gamma, track_only=False):
+    """The variant arguments (docs/design.md, Variants): ``coeff >= 0`` and finite;
+    ``gamma`` None or a one-element tensor of the acc dtype on the weight's device;
+    ``track_only`` only with the other two at their defaults."""
+    _require(
+        math.isfinite(coeff) and coeff >= 0, op, lambda: f"expected coeff >= 0 and finite, got {coeff:g}"
+    )
+    if gamma is not None:
+        _require(gamma.numel() == 1, op, lambda: f"expected gamma to have 1 element, got shape {_sizes(gamma)}")
+        expected_dtype = acc_dtype(weight.dtype)
+        _require(
+            gamma.dtype == expected_dtype,
+            op,
+            lambda: f"expected gamma of dtype {expected_dtype} (the accumulation dtype), got {gamma.dtype}",
+        )
+        _check_same_device(op, "gamma", gamma, weight)
+    _require(
+        not track_only or (coeff == 0 and gamma is None),
+        op,
+        lambda: f"expected coeff=0 and gamma=None with track_only=True, got coeff={coeff:g}, "
+        f"gamma={'None' if gamma is None else 'a tensor'}",
+    )
+
+
 # ---------------------------------------------------------------------------
 # One function per op, in host.cpp's order (prepare_*). ``op`` names the
 # caller in the messages: "bsn_cuda::sn_forward" for the fakes, as in C++.
 
 
-def check_sn_forward(op, weight, u, v, dim, n_power_iterations, eps, scale):
+def check_sn_forward(op, weight, u, v, dim, n_power_iterations, eps, scale, coeff=0.0, gamma=None, track_only=False):
     """The checks of ``sn_forward``; returns ``(dim, M, N)`` with ``dim`` made non-negative."""
     _check_weight(op, weight, 2)
     dim = _normalize_dim(op, dim, weight.dim())
@@ -205,10 +229,12 @@ def check_sn_forward(op, weight, u, v, dim, n_power_iterations, eps, scale):
     m, n = matrix_sizes(weight.shape, dim)
     _check_vector(op, "u", u, weight, m, "size(dim)")
     _check_vector(op, "v", v, weight, n, "numel / size(dim)")
+    check_variant(op, weight, coeff, gamma, track_only)
     return dim, m, n
 
 
-def check_bsn_forward(op, weight, u0, v0, u1, v1, n_power_iterations, eps, scale):
+def check_bsn_forward(op, weight, u0, v0, u1, v1, n_power_iterations, eps, scale, coeff=0.0, gamma=None,
+                      track_only=False):
     """The checks of ``bsn_forward``."""
     _check_weight(op, weight, 3)
     _check_hyper(op, n_power_iterations, eps, scale)
@@ -218,21 +244,24 @@ def check_bsn_forward(op, weight, u0, v0, u1, v1, n_power_iterations, eps, scale
     _check_vector(op, "v0", v0, weight, n0, "numel / size(0)")
     _check_vector(op, "u1", u1, weight, m1, "size(1)")
     _check_vector(op, "v1", v1, weight, n1, "numel / size(1)")
+    check_variant(op, weight, coeff, gamma, track_only)
 
 
-def check_sn_backward(op, grad_out, weight, state, dim, scale):
+def check_sn_backward(op, grad_out, weight, state, dim, scale, coeff=0.0, gamma=None):
     """The checks of ``sn_backward``; returns ``dim`` made non-negative."""
     _check_weight(op, weight, 2)
     dim = _normalize_dim(op, dim, weight.dim())
     _check_scale(op, scale)
     _check_grad(op, grad_out, weight)
     _check_state(op, state, weight, sn_state_size(weight.shape, dim))
+    check_variant(op, weight, coeff, gamma)
     return dim
 
 
-def check_bsn_backward(op, grad_out, weight, state, scale):
+def check_bsn_backward(op, grad_out, weight, state, scale, coeff=0.0, gamma=None):
     """The checks of ``bsn_backward``."""
     _check_weight(op, weight, 3)
     _check_scale(op, scale)
     _check_grad(op, grad_out, weight)
     _check_state(op, state, weight, bsn_state_size(weight.shape))
+    check_variant(op, weight, coeff, gamma)

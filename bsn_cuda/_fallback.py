@@ -94,22 +94,34 @@ def _caller_stacklevel():
 # differentiable sigma (its value is the same bit for bit).
 
 
-def _sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
+def _detach(gamma):
+    return None if gamma is None else gamma.detach()
+
+
+def _sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, coeff=0.0, gamma=None, track_only=False):
     warn_once(weight.device.type)
-    return reference.sn_forward(weight.detach(), u, v, dim, n_power_iterations, eps, scale, update)
+    return reference.sn_forward(
+        weight.detach(), u, v, dim, n_power_iterations, eps, scale, update, coeff, _detach(gamma), track_only
+    )
 
 
-def _bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
+def _bsn_forward(
+    weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, coeff=0.0, gamma=None, track_only=False
+):
     warn_once(weight.device.type)
-    return reference.bsn_forward(weight.detach(), u0, v0, u1, v1, n_power_iterations, eps, scale, update)
+    return reference.bsn_forward(
+        weight.detach(), u0, v0, u1, v1, n_power_iterations, eps, scale, update, coeff, _detach(gamma), track_only
+    )
 
 
-def _sn_backward(grad_out, weight, state, dim, scale):
-    return reference.sn_backward(grad_out.detach(), weight.detach(), state.detach(), dim, scale)
+def _sn_backward(grad_out, weight, state, dim, scale, coeff=0.0, gamma=None):
+    return reference.sn_backward(
+        grad_out.detach(), weight.detach(), state.detach(), dim, scale, coeff, _detach(gamma)
+    )
 
 
-def _bsn_backward(grad_out, weight, state, scale):
-    return reference.bsn_backward(grad_out.detach(), weight.detach(), state.detach(), scale)
+def _bsn_backward(grad_out, weight, state, scale, coeff=0.0, gamma=None):
+    return reference.bsn_backward(grad_out.detach(), weight.detach(), state.detach(), scale, coeff, _detach(gamma))
 
 
 _KERNELS = (

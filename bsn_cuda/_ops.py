@@ -71,27 +71,33 @@ def _devices_with_kernels():
 # that mix a meta tensor with real ones, which dispatch here.
 
 
-def _fake_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
-    dim, _, _ = _contract.check_sn_forward("bsn_cuda::sn_forward", weight, u, v, dim, n_power_iterations, eps, scale)
-    out = weight.new_empty(weight.shape)
+def _fake_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, coeff=0.0, gamma=None,
+                     track_only=False):
+    dim, _, _ = _contract.check_sn_forward(
+        "bsn_cuda::sn_forward", weight, u, v, dim, n_power_iterations, eps, scale, coeff, gamma, track_only
+    )
+    out = weight.new_empty(0 if track_only else weight.shape)
     state = weight.new_empty(_contract.sn_state_size(weight.shape, dim), dtype=_contract.acc_dtype(weight.dtype))
     return out, state
 
 
-def _fake_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
-    _contract.check_bsn_forward("bsn_cuda::bsn_forward", weight, u0, v0, u1, v1, n_power_iterations, eps, scale)
-    out = weight.new_empty(weight.shape)
+def _fake_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, coeff=0.0, gamma=None,
+                      track_only=False):
+    _contract.check_bsn_forward(
+        "bsn_cuda::bsn_forward", weight, u0, v0, u1, v1, n_power_iterations, eps, scale, coeff, gamma, track_only
+    )
+    out = weight.new_empty(0 if track_only else weight.shape)
     state = weight.new_empty(_contract.bsn_state_size(weight.shape), dtype=_contract.acc_dtype(weight.dtype))
     return out, state
 
 
-def _fake_sn_backward(grad_out, weight, state, dim, scale):
-    _contract.check_sn_backward("bsn_cuda::sn_backward", grad_out, weight, state, dim, scale)
+def _fake_sn_backward(grad_out, weight, state, dim, scale, coeff=0.0, gamma=None):
+    _contract.check_sn_backward("bsn_cuda::sn_backward", grad_out, weight, state, dim, scale, coeff, gamma)
     return weight.new_empty(weight.shape)
 
 
-def _fake_bsn_backward(grad_out, weight, state, scale):
-    _contract.check_bsn_backward("bsn_cuda::bsn_backward", grad_out, weight, state, scale)
+def _fake_bsn_backward(grad_out, weight, state, scale, coeff=0.0, gamma=None):
+    _contract.check_bsn_backward("bsn_cuda::bsn_backward", grad_out, weight, state, scale, coeff, gamma)
     return weight.new_empty(weight.shape)
 
 
@@ -103,60 +109,80 @@ def _fake_bsn_backward(grad_out, weight, state, scale):
 #     dB/dG^T H = a H - (scale d / sigma^2) W
 #     dB/dW^T H = -(scale <H, G> / sigma^2) D - (scale d / sigma^2) G + (2 scale c d / sigma^3) D
 # Computed in torch ops (so a third derivative still works), in the acc dtype.
+#
+# Variants (docs/design.md): where the factor projects, the same formulas with
+# scale -> gamma * scale * k (k = coeff or 1); elsewhere B = gamma * scale * G
+# (sigma_eff = 1, no D terms), which is also the zero rule. With B1 = B / gamma,
+# the gradient of gamma is <H, B1> = a1 <H, G> - (a1 c / sigma) d (projecting).
 
 
-def _backward_of_backward(grad_grad, grad_out, weight, state, direction, scale, needs_input_grad):
+def _backward_of_backward(grad_grad, grad_out, weight, state, direction, scale, needs_input_grad, coeff=0.0,
+                          gamma=None, gamma_index=None):
     acc = state.dtype
     h = grad_grad.to(acc)
     g = grad_out.to(acc)
     w = weight.to(acc)
     # sigma's value from the state, its dependence on W through <D, W>.
     sigma = reference._live_sigma(state[0], torch.sum(direction * w))
-    zero = state[0] == 0
-    sigma_eff = torch.where(zero, torch.ones_like(sigma), sigma)
+    _, _, proj = reference.variant_factor(state[0], scale, coeff)
+    flat = ~proj
+    k_scale = scale * coeff if coeff > 0 else scale
+    scale1 = torch.where(proj, torch.full_like(sigma, k_scale), torch.full_like(sigma, scale))  # a1 * sigma_eff
+    scale_t = scale1 if gamma is None else scale1 * gamma.reshape(()).to(acc)
+    sigma_eff = torch.where(flat, torch.ones_like(sigma), sigma)
     d = torch.sum(direction * h)
-    k = torch.where(zero, torch.zeros_like(sigma), scale * d / (sigma_eff * sigma_eff))
-    grad_g = grad_w = None
+    k = torch.where(flat, torch.zeros_like(sigma), scale_t * d / (sigma_eff * sigma_eff))
+    grad_g = grad_w = grad_gamma = None
     if needs_input_grad[0]:
-        grad_g = (scale / sigma_eff * h - k * w).to(grad_out.dtype)
+        grad_g = (scale_t / sigma_eff * h - k * w).to(grad_out.dtype)
+    hg = torch.sum(h * g)
+    c = torch.sum(g * w)
     if needs_input_grad[1]:
-        hg = torch.sum(h * g)
-        c = torch.sum(g * w)
-        coef_d = (-scale * hg / sigma_eff + 2 * scale * c * d / (sigma_eff * sigma_eff)) / sigma_eff
-        coef_d = torch.where(zero, torch.zeros_like(sigma), coef_d)
+        coef_d = (-scale_t * hg / sigma_eff + 2 * scale_t * c * d / (sigma_eff * sigma_eff)) / sigma_eff
+        coef_d = torch.where(flat, torch.zeros_like(sigma), coef_d)
         grad_w = (coef_d * direction - k * g).to(weight.dtype)
-    return grad_g, grad_w
+    if gamma is not None and needs_input_grad[gamma_index]:
+        a1 = scale1 / sigma_eff
+        grad_gamma = a1 * hg - torch.where(flat, torch.zeros_like(sigma), a1 * c * d / sigma_eff)
+        grad_gamma = grad_gamma.reshape(gamma.shape).to(gamma.dtype)
+    return grad_g, grad_w, grad_gamma
 
 
 def _setup_sn_backward(ctx, inputs, output):
-    grad_out, weight, state, dim, scale = inputs
-    ctx.save_for_backward(grad_out, weight, state)
+    grad_out, weight, state, dim, scale = inputs[:5]
+    coeff = inputs[5] if len(inputs) > 5 else 0.0
+    gamma = inputs[6] if len(inputs) > 6 else None
+    ctx.save_for_backward(grad_out, weight, state, gamma)
     ctx.dim = dim
     ctx.scale = scale
+    ctx.coeff = coeff
 
 
 def _sn_backward_backward(ctx, grad_grad):
-    grad_out, weight, state = ctx.saved_tensors
+    grad_out, weight, state, gamma = ctx.saved_tensors
     direction = reference.sn_direction(state, weight.shape, ctx.dim)
-    grad_g, grad_w = _backward_of_backward(
-        grad_grad, grad_out, weight, state, direction, ctx.scale, ctx.needs_input_grad
+    grad_g, grad_w, grad_gamma = _backward_of_backward(
+        grad_grad, grad_out, weight, state, direction, ctx.scale, ctx.needs_input_grad, ctx.coeff, gamma, 6
     )
-    return grad_g, grad_w, None, None, None
+    return grad_g, grad_w, None, None, None, None, grad_gamma
 
 
 def _setup_bsn_backward(ctx, inputs, output):
-    grad_out, weight, state, scale = inputs
-    ctx.save_for_backward(grad_out, weight, state)
+    grad_out, weight, state, scale = inputs[:4]
+    coeff = inputs[4] if len(inputs) > 4 else 0.0
+    gamma = inputs[5] if len(inputs) > 5 else None
+    ctx.save_for_backward(grad_out, weight, state, gamma)
     ctx.scale = scale
+    ctx.coeff = coeff
 
 
 def _bsn_backward_backward(ctx, grad_grad):
-    grad_out, weight, state = ctx.saved_tensors
+    grad_out, weight, state, gamma = ctx.saved_tensors
     direction = reference.bsn_direction(state, weight.shape)
-    grad_g, grad_w = _backward_of_backward(
-        grad_grad, grad_out, weight, state, direction, ctx.scale, ctx.needs_input_grad
+    grad_g, grad_w, grad_gamma = _backward_of_backward(
+        grad_grad, grad_out, weight, state, direction, ctx.scale, ctx.needs_input_grad, ctx.coeff, gamma, 5
     )
-    return grad_g, grad_w, None, None
+    return grad_g, grad_w, None, None, None, grad_gamma
 
 
 def _register():
@@ -220,48 +246,53 @@ def _has_kernel(weight):
     return weight.device.type in OP_DEVICES
 
 
-def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=None):
+def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log=None, *variant):
     """``bsn_cuda::sn_forward`` (or its reference); returns ``(out, state)``.
 
     Updates ``u``/``v`` in place when ``update``; ``out`` is differentiable
     with respect to ``weight``. ``log``: an optional 1-D tensor of the state's
     dtype that receives sigma (``state[0]``, broadcast to its length).
+    ``variant``: nothing, or ``(coeff, gamma, track_only)`` (docs/design.md, Variants).
     """
     if _has_kernel(weight):
         if not _is_compiling():
             if _transforms_active():
-                return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
+                return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log, *variant)
             if _FAST is not None:
-                result = _FAST.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
+                result = _FAST.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log, *variant)
                 if result is not None:
                     return result
-        out, state = torch.ops.bsn_cuda.sn_forward.default(weight, u, v, dim, n_power_iterations, eps, scale, update)
+        out, state = torch.ops.bsn_cuda.sn_forward.default(
+            weight, u, v, dim, n_power_iterations, eps, scale, update, *variant
+        )
         if log is not None:
             _write_log(log, state, 1)
         return out, state
     _fallback.warn_once(weight.device.type)
-    return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
+    return _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log, *variant)
 
 
-def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log=None):
+def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log=None, *variant):
     """``bsn_cuda::bsn_forward`` (or its reference); returns ``(out, state)``.
-    ``log`` receives ``[sigma, sigma_0, sigma_1]`` (``state[:3]``)."""
+    ``log`` receives ``[sigma, sigma_0, sigma_1]`` (``state[:3]``); ``variant`` as in :func:`sn_forward`."""
     if _has_kernel(weight):
         if not _is_compiling():
             if _transforms_active():
-                return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+                return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log, *variant)
             if _FAST is not None:
-                result = _FAST.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+                result = _FAST.bsn_forward(
+                    weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log, *variant
+                )
                 if result is not None:
                     return result
         out, state = torch.ops.bsn_cuda.bsn_forward.default(
-            weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update
+            weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, *variant
         )
         if log is not None:
             _write_log(log, state, 3)
         return out, state
     _fallback.warn_once(weight.device.type)
-    return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+    return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log, *variant)
 
 
 def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
@@ -297,15 +328,15 @@ def log_writable():
     return not _transforms_active()
 
 
-def _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log):
-    out, state = reference.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update)
+def _reference_sn(weight, u, v, dim, n_power_iterations, eps, scale, update, log, *variant):
+    out, state = reference.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, *variant)
     if log is not None and log_writable():
         _write_log(log, state.detach(), 1)
     return out, state
 
 
-def _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log):
-    out, state = reference.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update)
+def _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log, *variant):
+    out, state = reference.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, *variant)
     if log is not None and log_writable():
         _write_log(log, state.detach(), 3)
     return out, state

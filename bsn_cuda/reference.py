@@ -37,6 +37,8 @@ __all__ = [
     "sn_backward",
     "bsn_forward",
     "bsn_backward",
+    "variant_factor",
+    "gamma_grad",
 ]
 
 def matricize(weight, dim):
@@ -136,14 +138,40 @@ def _live_sigma(sigma_state, sigma_live):
     return sigma_state + (sigma_live - sigma_live.detach())
 
 
-def _scaled_output(weight, w_acc, sigma, scale):
-    """``W * (scale / sigma_eff)`` in the acc dtype, rounded to the weight dtype."""
-    sigma_eff = torch.where(sigma == 0, torch.ones_like(sigma), sigma)
-    factor = scale / sigma_eff
+def variant_factor(sigma, scale, coeff=0.0, gamma=None):
+    """The output factor of every variant (docs/design.md, Variants): ``(a, a1, proj)``.
+
+    ``proj``: whether the factor depends on sigma (SN: ``sigma != 0``; soft
+    bound ``coeff > 0``: ``not sigma <= coeff``, the tie taking the identity
+    branch). ``a1 = scale * k / sigma`` if ``proj`` else ``scale`` (``k`` =
+    ``coeff`` or 1), ``a = a1 * gamma``. Differentiable in sigma and gamma.
+    """
+    if coeff > 0:
+        proj = ~(sigma <= coeff)
+        k = float(coeff)
+    else:
+        proj = sigma != 0
+        k = 1.0
+    sigma_p = torch.where(proj, sigma, torch.ones_like(sigma))
+    a1 = torch.where(proj, (scale * k) / sigma_p, torch.full_like(sigma, scale))
+    a = a1 if gamma is None else a1 * gamma.reshape(()).to(sigma.dtype)
+    return a, a1, proj
+
+
+def gamma_grad(grad_out, weight, sigma, scale, coeff=0.0):
+    """``d loss / d gamma = a1 * <G, W>`` (acc dtype, 0-dim): what the ops' autograd computes."""
+    acc = sigma.dtype
+    _, a1, _ = variant_factor(sigma, scale, coeff)
+    return a1 * torch.sum(grad_out.to(acc) * weight.to(acc))
+
+
+def _scaled_output(weight, w_acc, sigma, scale, coeff=0.0, gamma=None):
+    """``W * a`` (:func:`variant_factor`) in the acc dtype, rounded to the weight dtype."""
+    factor, _, _ = variant_factor(sigma, scale, coeff, gamma)
     return (w_acc * factor).to(weight.dtype).contiguous()
 
 
-def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
+def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, coeff=0.0, gamma=None, track_only=False):
     """Reference of ``torch.ops.bsn_cuda.sn_forward``; returns ``(out, state)``.
 
     Training (``update=True``): ``n_power_iterations`` power iterations from the
@@ -151,23 +179,28 @@ def sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update):
     last iteration are finite and non-zero. Eval: ``sigma = u^T W_mat v``.
     ``out = W * scale / sigma`` (``sigma == 0`` counts as 1, so a zero weight
     gives ``scale * W``). ``state = [sigma, u, v]`` (acc dtype, a snapshot).
+    Variants (docs/design.md): ``coeff`` (soft bound), ``gamma`` (learnable
+    scale, differentiable), ``track_only`` (``out`` is empty, no output pass).
     """
     dim, m, n = check_sn_forward(
-        "bsn_cuda.reference.sn_forward", weight, u, v, dim, n_power_iterations, eps, scale
+        "bsn_cuda.reference.sn_forward", weight, u, v, dim, n_power_iterations, eps, scale, coeff, gamma, track_only
     )
 
     acc = acc_dtype(weight.dtype)
     w_acc = weight.to(acc)
     sigma = _power_iteration(w_acc, dim, u, v, n_power_iterations, eps, update)
     state = torch.cat([sigma.reshape(1), u.to(acc), v.to(acc)])
+    if track_only:
+        return weight.new_empty(0), state.detach()
 
     if w_acc.requires_grad or transforms_active():  # (forward-mode AD: tangents without requires_grad)
         u_c, v_c = state[1 : 1 + m], state[1 + m :]
         sigma = _live_sigma(sigma, torch.dot(u_c, torch.mv(matricize(w_acc, dim), v_c)))
-    return _scaled_output(weight, w_acc, sigma, scale), state
+    return _scaled_output(weight, w_acc, sigma, scale, coeff, gamma), state
 
 
-def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
+def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, coeff=0.0, gamma=None,
+                track_only=False):
     """Reference of ``torch.ops.bsn_cuda.bsn_forward``; returns ``(out, state)``.
 
     Pair 0 is the matricization along dim 0, pair 1 along dim 1, each iterated
@@ -175,7 +208,10 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
     ``sigma = (sigma_0 + sigma_1) / 2`` and
     ``state = [sigma, sigma_0, sigma_1, u0, v0, u1, v1]``.
     """
-    check_bsn_forward("bsn_cuda.reference.bsn_forward", weight, u0, v0, u1, v1, n_power_iterations, eps, scale)
+    check_bsn_forward(
+        "bsn_cuda.reference.bsn_forward", weight, u0, v0, u1, v1, n_power_iterations, eps, scale, coeff, gamma,
+        track_only,
+    )
 
     acc = acc_dtype(weight.dtype)
     w_acc = weight.to(acc)
@@ -185,6 +221,8 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
     state = torch.cat(
         [sigma.reshape(1), sigma_0.reshape(1), sigma_1.reshape(1), u0.to(acc), v0.to(acc), u1.to(acc), v1.to(acc)]
     )
+    if track_only:
+        return weight.new_empty(0), state.detach()
 
     if w_acc.requires_grad or transforms_active():  # (forward-mode AD: tangents without requires_grad)
         (cu0, cv0), (cu1, cv1) = _split_pairs(state, weight.shape, (0, 1))
@@ -192,28 +230,28 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update):
             torch.dot(cu0, torch.mv(matricize(w_acc, 0), cv0)) + torch.dot(cu1, torch.mv(matricize(w_acc, 1), cv1))
         ) / 2
         sigma = _live_sigma(sigma, live)
-    return _scaled_output(weight, w_acc, sigma, scale), state
+    return _scaled_output(weight, w_acc, sigma, scale, coeff, gamma), state
 
 
-def _backward(grad_out, weight, sigma, direction, scale):
-    """``dW = a G - (a <G, W> / sigma) D`` with ``a = scale / sigma_eff``; ``a G`` if sigma == 0."""
+def _backward(grad_out, weight, sigma, direction, scale, coeff=0.0, gamma=None):
+    """``dW = a G - (a <G, W> / sigma) D`` with ``a`` of :func:`variant_factor`;
+    ``a G`` where the factor does not project (sigma == 0; soft bound: sigma <= coeff)."""
     acc = sigma.dtype
     g = grad_out.to(acc)
-    zero = sigma == 0
-    sigma_eff = torch.where(zero, torch.ones_like(sigma), sigma)
-    a = scale / sigma_eff
+    a, _, proj = variant_factor(sigma, scale, coeff, gamma)
+    sigma_p = torch.where(proj, sigma, torch.ones_like(sigma))
     c = torch.sum(g * weight.to(acc))
-    coef = torch.where(zero, torch.zeros_like(sigma), a * c / sigma_eff)
+    coef = torch.where(proj, a * c / sigma_p, torch.zeros_like(sigma))
     return (a * g - coef * direction).to(weight.dtype).contiguous()
 
 
-def sn_backward(grad_out, weight, state, dim, scale):
+def sn_backward(grad_out, weight, state, dim, scale, coeff=0.0, gamma=None):
     """Reference of ``torch.ops.bsn_cuda.sn_backward``: the weight gradient, u and v constant."""
-    dim = check_sn_backward("bsn_cuda.reference.sn_backward", grad_out, weight, state, dim, scale)
-    return _backward(grad_out, weight, state[0], sn_direction(state, weight.shape, dim), scale)
+    dim = check_sn_backward("bsn_cuda.reference.sn_backward", grad_out, weight, state, dim, scale, coeff, gamma)
+    return _backward(grad_out, weight, state[0], sn_direction(state, weight.shape, dim), scale, coeff, gamma)
 
 
-def bsn_backward(grad_out, weight, state, scale):
+def bsn_backward(grad_out, weight, state, scale, coeff=0.0, gamma=None):
     """Reference of ``torch.ops.bsn_cuda.bsn_backward``: the weight gradient, u*, v* constant."""
-    check_bsn_backward("bsn_cuda.reference.bsn_backward", grad_out, weight, state, scale)
-    return _backward(grad_out, weight, state[0], bsn_direction(state, weight.shape), scale)
+    check_bsn_backward("bsn_cuda.reference.bsn_backward", grad_out, weight, state, scale, coeff, gamma)
+    return _backward(grad_out, weight, state[0], bsn_direction(state, weight.shape), scale, coeff, gamma)

@@ -8,12 +8,15 @@
 // functional; their own autograd (double backward) is registered in
 // bsn_cuda/_ops.py next to the fake kernels.
 #include "autograd.h"
+#include "bsn.h"
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <optional>
 #include <utility>
 
 namespace bsn {
@@ -22,6 +25,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
 
 // Power-iteration buffers are state, not parameters: an input that requires
 // grad there is a user error (its gradient would silently be dropped).
@@ -56,9 +60,10 @@ void bump_versions(std::initializer_list<const at::Tensor*> buffers) {
   }
 }
 
-// The backward's result: one entry per forward argument, only the weight's defined.
-// (+1: the forwards' state_out pointer)
-constexpr size_t kSNArgs = 9, kSNTransposedArgs = 8, kBSNArgs = 10;
+// The backward's result: one entry per forward argument, only the weight's
+// (and gamma's) defined. (+1: the forwards' state_out pointer)
+constexpr size_t kSNArgs = 12, kSNTransposedArgs = 8, kBSNArgs = 13;
+constexpr size_t kSNGamma = 9, kBSNGamma = 10;  // gamma's position among them
 variable_list weight_grad_only(at::Tensor grad_weight, size_t num_args) {
   variable_list grads(num_args);
   grads[0] = std::move(grad_weight);
@@ -67,6 +72,38 @@ variable_list weight_grad_only(at::Tensor grad_weight, size_t num_args) {
 
 bool records_graph(const at::Tensor& weight) {
   return at::GradMode::is_enabled() && weight.requires_grad();
+}
+
+bool has_gamma(const OptTensor& gamma) { return gamma.has_value() && gamma->defined(); }
+
+// d loss / d gamma = a1 * <G, W> (docs/design.md, Variants), in the acc dtype,
+// as torch ops (no host sync). Under create_graph it is differentiable, with
+// sigma's dependence on W as u^T W_mat v (`live`: that product, u, v constant).
+template <typename Live>
+at::Tensor gamma_grad(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& state,
+                      double scale, double coeff, const at::Tensor& gamma, const Live& live) {
+  const auto acc = state.scalar_type();
+  const at::Tensor c = at::dot(grad.reshape(-1).to(acc), weight.reshape(-1).to(acc));
+  at::Tensor sigma = state.select(0, 0);
+  if (at::GradMode::is_enabled()) {
+    const at::Tensor x = live(weight.to(acc));
+    sigma = sigma + (x - x.detach());
+  }
+  const at::Tensor proj = coeff > 0 ? at::logical_not(sigma.le(coeff)) : sigma.ne(0);
+  const at::Tensor sigma_p = at::where(proj, sigma, at::ones_like(sigma));
+  const at::Tensor a1 = at::where(proj, projected_scale(scale, coeff) / sigma_p,
+                                  at::full_like(sigma, scale));
+  return (a1 * c).reshape(gamma.sizes()).to(gamma.scalar_type());
+}
+
+// u^T W_mat(dim) v for the pair whose u starts at `offset` in the state.
+at::Tensor pair_product(const at::Tensor& w_acc, const at::Tensor& state, int64_t dim,
+                        int64_t offset) {
+  const int64_t d = dim < 0 ? dim + w_acc.dim() : dim;
+  const int64_t m = w_acc.size(d);
+  const int64_t n = w_acc.numel() / m;
+  const at::Tensor w_mat = w_acc.movedim(d, 0).reshape({m, n});
+  return at::dot(state.narrow(0, offset, m), at::mv(w_mat, state.narrow(0, offset + m, n)));
 }
 
 // Calls a backward op. Its own autograd (for double backward) is a Python
@@ -86,11 +123,17 @@ at::Tensor call_backward_op(const Op& op, const Args&... args) {
 // computed under the node's no-grad forward, so it needs no marking, and
 // compiled autograd refuses C++ nodes with non-differentiable outputs.
 void save_context(AutogradContext* ctx, const at::Tensor& weight, at::Tensor state,
-                  double scale, at::Tensor* state_out) {
-  ctx->save_for_backward({weight, state});
+                  double scale, at::Tensor* state_out, double coeff = 0.0,
+                  const OptTensor& gamma = std::nullopt) {
+  ctx->save_for_backward({weight, state, has_gamma(gamma) ? *gamma : at::Tensor()});
   ctx->set_materialize_grads(false);  // an undefined gradient: nothing to compute
   ctx->saved_data["scale"] = scale;
+  ctx->saved_data["coeff"] = coeff;
   *state_out = std::move(state);
+}
+
+OptTensor saved_gamma(const variable_list& saved) {
+  return saved[2].defined() ? OptTensor(saved[2]) : OptTensor();
 }
 
 // ---------------------------------------------------------------------------
@@ -98,22 +141,27 @@ void save_context(AutogradContext* ctx, const at::Tensor& weight, at::Tensor sta
 
 ForwardResult call_sn_forward(const at::Tensor& weight, at::Tensor& u, at::Tensor& v,
                               int64_t dim, int64_t n_power_iterations, double eps,
-                              double scale, bool update) {
+                              double scale, bool update, double coeff = 0.0,
+                              const OptTensor& gamma = std::nullopt, bool track_only = false) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bsn_cuda::sn_forward", "")
                        .typed<ForwardResult(const at::Tensor&, at::Tensor&, at::Tensor&,
-                                            int64_t, int64_t, double, double, bool)>();
+                                            int64_t, int64_t, double, double, bool, double,
+                                            const OptTensor&, bool)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(weight, u, v, dim, n_power_iterations, eps, scale, update);
+  return op.call(weight, u, v, dim, n_power_iterations, eps, scale, update, coeff, gamma,
+                 track_only);
 }
 
 at::Tensor call_sn_backward(const at::Tensor& grad_out, const at::Tensor& weight,
-                            const at::Tensor& state, int64_t dim, double scale) {
+                            const at::Tensor& state, int64_t dim, double scale,
+                            double coeff = 0.0, const OptTensor& gamma = std::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bsn_cuda::sn_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t, double)>();
-  return call_backward_op(op, grad_out, weight, state, dim, scale);
+                                         const at::Tensor&, int64_t, double, double,
+                                         const OptTensor&)>();
+  return call_backward_op(op, grad_out, weight, state, dim, scale, coeff, gamma);
 }
 
 class SNForward : public torch::autograd::Function<SNForward> {
@@ -123,10 +171,11 @@ class SNForward : public torch::autograd::Function<SNForward> {
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u,
                                at::Tensor v, int64_t dim, int64_t n_power_iterations,
-                               double eps, double scale, bool update, at::Tensor* state_out) {
-    auto [out, state] =
-        call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
-    save_context(ctx, weight, std::move(state), scale, state_out);
+                               double eps, double scale, bool update, double coeff,
+                               const OptTensor& gamma, bool track_only, at::Tensor* state_out) {
+    auto [out, state] = call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale,
+                                        update, coeff, gamma, track_only);
+    save_context(ctx, weight, std::move(state), scale, state_out, coeff, gamma);
     ctx->saved_data["dim"] = dim;
     return {out};
   }
@@ -134,25 +183,47 @@ class SNForward : public torch::autograd::Function<SNForward> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return weight_grad_only({}, kSNArgs);  // out did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
-    at::Tensor grad_weight = call_sn_backward(grads[0], saved[0], saved[1],
-                                              ctx->saved_data["dim"].toInt(),
-                                              ctx->saved_data["scale"].toDouble());
-    return weight_grad_only(std::move(grad_weight), kSNArgs);
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const double coeff = ctx->saved_data["coeff"].toDouble();
+    const OptTensor gamma = saved_gamma(saved);
+    at::Tensor grad_weight;
+    if (saved[0].requires_grad()) {
+      grad_weight = call_sn_backward(grads[0], saved[0], saved[1], dim, scale, coeff, gamma);
+    }
+    variable_list result = weight_grad_only(std::move(grad_weight), kSNArgs);
+    if (has_gamma(gamma) && gamma->requires_grad()) {
+      result[kSNGamma] = gamma_grad(grads[0], saved[0], saved[1], scale, coeff, *gamma,
+                                    [&](const at::Tensor& w) {
+                                      return pair_product(w, saved[1], dim, 1);
+                                    });
+    }
+    return result;
   }
 };
 
+// Whether a forward records a graph: the weight or gamma requires grad (a
+// track-only call never does: its output is the caller's weight itself).
+bool records_variant_graph(const at::Tensor& weight, const OptTensor& gamma, bool track_only) {
+  if (track_only) return false;
+  return records_graph(weight) || (has_gamma(gamma) && records_graph(*gamma));
+}
+
 ForwardResult sn_forward_autograd(const at::Tensor& weight, at::Tensor& u, at::Tensor& v,
                                   int64_t dim, int64_t n_power_iterations, double eps,
-                                  double scale, bool update) {
+                                  double scale, bool update, double coeff, const OptTensor& gamma,
+                                  bool track_only) {
   check_buffers("bsn_cuda::sn_forward", weight, {{"u", &u}, {"v", &v}});
   check_no_tangent("bsn_cuda::sn_forward", weight);
+  if (has_gamma(gamma)) check_no_tangent("bsn_cuda::sn_forward", *gamma);
   bump_versions({&u, &v});
-  if (!records_graph(weight)) {
-    return call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
+  if (!records_variant_graph(weight, gamma, track_only)) {
+    return call_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, coeff, gamma,
+                           track_only);
   }
   at::Tensor state;
-  variable_list result =
-      SNForward::apply(weight, u, v, dim, n_power_iterations, eps, scale, update, &state);
+  variable_list result = SNForward::apply(weight, u, v, dim, n_power_iterations, eps, scale,
+                                          update, coeff, gamma, track_only, &state);
   return {std::move(result[0]), std::move(state)};
 }
 
@@ -261,23 +332,27 @@ namespace {
 
 ForwardResult call_bsn_forward(const at::Tensor& weight, at::Tensor& u0, at::Tensor& v0,
                                at::Tensor& u1, at::Tensor& v1, int64_t n_power_iterations,
-                               double eps, double scale, bool update) {
+                               double eps, double scale, bool update, double coeff,
+                               const OptTensor& gamma, bool track_only) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("bsn_cuda::bsn_forward", "")
           .typed<ForwardResult(const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                               at::Tensor&, int64_t, double, double, bool)>();
+                               at::Tensor&, int64_t, double, double, bool, double,
+                               const OptTensor&, bool)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+  return op.call(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, coeff, gamma,
+                 track_only);
 }
 
 at::Tensor call_bsn_backward(const at::Tensor& grad_out, const at::Tensor& weight,
-                             const at::Tensor& state, double scale) {
+                             const at::Tensor& state, double scale, double coeff,
+                             const OptTensor& gamma) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bsn_cuda::bsn_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, double)>();
-  return call_backward_op(op, grad_out, weight, state, scale);
+                                         const at::Tensor&, double, double, const OptTensor&)>();
+  return call_backward_op(op, grad_out, weight, state, scale, coeff, gamma);
 }
 
 class BSNForward : public torch::autograd::Function<BSNForward> {
@@ -288,36 +363,55 @@ class BSNForward : public torch::autograd::Function<BSNForward> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u0,
                                at::Tensor v0, at::Tensor u1, at::Tensor v1,
                                int64_t n_power_iterations, double eps, double scale,
-                               bool update, at::Tensor* state_out) {
-    auto [out, state] =
-        call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
-    save_context(ctx, weight, std::move(state), scale, state_out);
+                               bool update, double coeff, const OptTensor& gamma,
+                               bool track_only, at::Tensor* state_out) {
+    auto [out, state] = call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale,
+                                         update, coeff, gamma, track_only);
+    save_context(ctx, weight, std::move(state), scale, state_out, coeff, gamma);
     return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return weight_grad_only({}, kBSNArgs);
     const variable_list saved = ctx->get_saved_variables();
-    at::Tensor grad_weight =
-        call_bsn_backward(grads[0], saved[0], saved[1], ctx->saved_data["scale"].toDouble());
-    return weight_grad_only(std::move(grad_weight), kBSNArgs);
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const double coeff = ctx->saved_data["coeff"].toDouble();
+    const OptTensor gamma = saved_gamma(saved);
+    at::Tensor grad_weight;
+    if (saved[0].requires_grad()) {
+      grad_weight = call_bsn_backward(grads[0], saved[0], saved[1], scale, coeff, gamma);
+    }
+    variable_list result = weight_grad_only(std::move(grad_weight), kBSNArgs);
+    if (has_gamma(gamma) && gamma->requires_grad()) {
+      const at::Tensor& st = saved[1];
+      result[kBSNGamma] = gamma_grad(grads[0], saved[0], st, scale, coeff, *gamma,
+                                     [&](const at::Tensor& w) {
+                                       const int64_t off1 = 3 + w.size(0) + w.numel() / w.size(0);
+                                       return (pair_product(w, st, 0, 3) +
+                                               pair_product(w, st, 1, off1)) / 2;
+                                     });
+    }
+    return result;
   }
 };
 
 ForwardResult bsn_forward_autograd(const at::Tensor& weight, at::Tensor& u0, at::Tensor& v0,
                                    at::Tensor& u1, at::Tensor& v1,
                                    int64_t n_power_iterations, double eps, double scale,
-                                   bool update) {
+                                   bool update, double coeff, const OptTensor& gamma,
+                                   bool track_only) {
   check_buffers("bsn_cuda::bsn_forward", weight,
                 {{"u0", &u0}, {"v0", &v0}, {"u1", &u1}, {"v1", &v1}});
   check_no_tangent("bsn_cuda::bsn_forward", weight);
+  if (has_gamma(gamma)) check_no_tangent("bsn_cuda::bsn_forward", *gamma);
   bump_versions({&u0, &v0, &u1, &v1});
-  if (!records_graph(weight)) {
-    return call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+  if (!records_variant_graph(weight, gamma, track_only)) {
+    return call_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, coeff,
+                            gamma, track_only);
   }
   at::Tensor state;
   variable_list result = BSNForward::apply(weight, u0, v0, u1, v1, n_power_iterations, eps,
-                                           scale, update, &state);
+                                           scale, update, coeff, gamma, track_only, &state);
   return {std::move(result[0]), std::move(state)};
 }
 

@@ -47,6 +47,11 @@ struct ForwardParams {
   double eps = 1e-12;
   double scale = 1.0;
   bool update = true;            // training: iterate and write u/v back
+  // Variants (docs/design.md): soft bound (coeff > 0), learnable scale (gamma:
+  // one acc_t element, nullptr = 1), track-only (no output pass; out unused).
+  double coeff = 0.0;
+  const void* gamma = nullptr;
+  bool track_only = false;
 };
 
 struct BackwardParams {
@@ -58,6 +63,26 @@ struct BackwardParams {
   int num_pairs = 1;
   Matricization mat[2];
   double scale = 1.0;
+  double coeff = 0.0;            // as in ForwardParams
+  const void* gamma = nullptr;
 };
+
+// Whether the output factor depends on sigma (docs/design.md, Variants):
+// SN (coeff == 0) unless sigma == 0 (the zero rule); the soft bound unless
+// sigma <= coeff (the tie takes the identity branch; NaN projects). When it
+// does, a = gamma * (scale * k) / sigma with k = coeff or 1, and the backward
+// subtracts (a <G, W> / sigma) D; otherwise a = gamma * scale.
+template <typename A>
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline bool variant_projects(A sigma, A coeff) {
+  return coeff > A(0) ? !(sigma <= coeff) : sigma != A(0);
+}
+
+// scale * k of the projecting branch, in double (as the reference computes it).
+inline double projected_scale(double scale, double coeff) {
+  return coeff > 0 ? scale * coeff : scale;
+}
 
 }  // namespace bsn

@@ -117,6 +117,32 @@ void check_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& we
               grad_out.device());
 }
 
+// The variant arguments, after the op's other checks (bsn_cuda/_contract.py check_variant).
+void check_variant(const char* op, const at::Tensor& weight, double coeff, const OptTensor& gamma,
+                   bool track_only) {
+  TORCH_CHECK(std::isfinite(coeff) && coeff >= 0, op, ": expected coeff >= 0 and finite, got ",
+              coeff);
+  if (gamma.has_value() && gamma->defined()) {
+    TORCH_CHECK(gamma->numel() == 1, op, ": expected gamma to have 1 element, got shape ",
+                gamma->sizes());
+    const auto expected_dtype = acc_dtype(weight.scalar_type());
+    TORCH_CHECK(gamma->scalar_type() == expected_dtype, op, ": expected gamma of dtype ",
+                dtype_name(expected_dtype), " (the accumulation dtype), got ",
+                dtype_name(gamma->scalar_type()));
+    TORCH_CHECK(gamma->device() == weight.device(), op,
+                ": expected gamma on the weight's device ", weight.device(), ", got ",
+                gamma->device());
+  }
+  const bool has_gamma = gamma.has_value() && gamma->defined();
+  TORCH_CHECK(!track_only || (coeff == 0 && !has_gamma), op,
+              ": expected coeff=0 and gamma=None with track_only=True, got coeff=", coeff,
+              ", gamma=", has_gamma ? "a tensor" : "None");
+}
+
+const void* gamma_ptr(const OptTensor& gamma) {
+  return gamma.has_value() && gamma->defined() ? gamma->data_ptr() : nullptr;
+}
+
 // The two matricizations of BSN: [c_out, c_in * k] and [c_in, c_out * k].
 void bsn_matricizations(const at::Tensor& weight, Matricization* mat) {
   mat[0] = matricize(weight, 0);
@@ -124,15 +150,19 @@ void bsn_matricizations(const at::Tensor& weight, Matricization* mat) {
 }
 
 PreparedForward allocate_forward(const at::Tensor& weight, int num_pairs,
-                                 const Matricization* mat) {
+                                 const Matricization* mat, bool track_only) {
   PreparedForward prep;
   prep.weight = weight.contiguous();
-  prep.out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  // Track-only: no output pass, an empty `out` (the caller returns the weight).
+  prep.out = track_only ? at::empty({0}, weight.options())
+                        : at::empty(weight.sizes(),
+                                    weight.options().memory_format(at::MemoryFormat::Contiguous));
   prep.state = at::empty({state_size(mat, num_pairs)},
                          weight.options().dtype(acc_dtype(weight.scalar_type())));
   auto& p = prep.params;
   p.weight = prep.weight.data_ptr();
-  p.out = prep.out.data_ptr();
+  p.out = track_only ? nullptr : prep.out.data_ptr();
+  p.track_only = track_only;
   p.state = prep.state.data_ptr();
   p.numel = weight.numel();
   p.num_pairs = num_pairs;
@@ -142,7 +172,8 @@ PreparedForward allocate_forward(const at::Tensor& weight, int num_pairs,
 
 PreparedBackward allocate_backward(const at::Tensor& grad_out, const at::Tensor& weight,
                                    const at::Tensor& state, int num_pairs,
-                                   const Matricization* mat, double scale) {
+                                   const Matricization* mat, double scale, double coeff,
+                                   const OptTensor& gamma) {
   PreparedBackward prep;
   prep.grad_out = grad_out.contiguous();
   prep.weight = weight.contiguous();
@@ -157,6 +188,8 @@ PreparedBackward allocate_backward(const at::Tensor& grad_out, const at::Tensor&
   p.num_pairs = num_pairs;
   for (int k = 0; k < num_pairs; ++k) p.mat[k] = mat[k];
   p.scale = scale;
+  p.coeff = coeff;
+  p.gamma = gamma_ptr(gamma);
   return prep;
 }
 
@@ -169,7 +202,8 @@ at::ScalarType acc_dtype(at::ScalarType weight_dtype) {
 PreparedForward prepare_sn_forward(const at::Tensor& weight, const at::Tensor& u,
                                    const at::Tensor& v, int64_t dim,
                                    int64_t n_power_iterations, double eps,
-                                   double scale, bool update) {
+                                   double scale, bool update, double coeff,
+                                   const OptTensor& gamma, bool track_only) {
   constexpr const char* op = "bsn_cuda::sn_forward";
   check_weight(op, weight, 2);
   dim = normalize_dim(op, dim, weight.dim());
@@ -177,7 +211,8 @@ PreparedForward prepare_sn_forward(const at::Tensor& weight, const at::Tensor& u
   Matricization mat[1] = {matricize(weight, dim)};
   check_vector(op, "u", u, weight, mat[0].rows, "size(dim)");
   check_vector(op, "v", v, weight, mat[0].cols(), "numel / size(dim)");
-  PreparedForward prep = allocate_forward(weight, 1, mat);
+  check_variant(op, weight, coeff, gamma, track_only);
+  PreparedForward prep = allocate_forward(weight, 1, mat, track_only);
   auto& p = prep.params;
   p.u[0] = u.data_ptr();
   p.v[0] = v.data_ptr();
@@ -185,13 +220,16 @@ PreparedForward prepare_sn_forward(const at::Tensor& weight, const at::Tensor& u
   p.eps = eps;
   p.scale = scale;
   p.update = update;
+  p.coeff = coeff;
+  p.gamma = gamma_ptr(gamma);
   return prep;
 }
 
 PreparedForward prepare_bsn_forward(const at::Tensor& weight, const at::Tensor& u0,
                                     const at::Tensor& v0, const at::Tensor& u1,
                                     const at::Tensor& v1, int64_t n_power_iterations,
-                                    double eps, double scale, bool update) {
+                                    double eps, double scale, bool update, double coeff,
+                                    const OptTensor& gamma, bool track_only) {
   constexpr const char* op = "bsn_cuda::bsn_forward";
   check_weight(op, weight, 3);
   check_hyper(op, n_power_iterations, eps, scale);
@@ -201,7 +239,8 @@ PreparedForward prepare_bsn_forward(const at::Tensor& weight, const at::Tensor& 
   check_vector(op, "v0", v0, weight, mat[0].cols(), "numel / size(0)");
   check_vector(op, "u1", u1, weight, mat[1].rows, "size(1)");
   check_vector(op, "v1", v1, weight, mat[1].cols(), "numel / size(1)");
-  PreparedForward prep = allocate_forward(weight, 2, mat);
+  check_variant(op, weight, coeff, gamma, track_only);
+  PreparedForward prep = allocate_forward(weight, 2, mat, track_only);
   auto& p = prep.params;
   p.u[0] = u0.data_ptr();
   p.v[0] = v0.data_ptr();
@@ -211,11 +250,14 @@ PreparedForward prepare_bsn_forward(const at::Tensor& weight, const at::Tensor& 
   p.eps = eps;
   p.scale = scale;
   p.update = update;
+  p.coeff = coeff;
+  p.gamma = gamma_ptr(gamma);
   return prep;
 }
 
 PreparedBackward prepare_sn_backward(const at::Tensor& grad_out, const at::Tensor& weight,
-                                     const at::Tensor& state, int64_t dim, double scale) {
+                                     const at::Tensor& state, int64_t dim, double scale,
+                                     double coeff, const OptTensor& gamma) {
   constexpr const char* op = "bsn_cuda::sn_backward";
   check_weight(op, weight, 2);
   dim = normalize_dim(op, dim, weight.dim());
@@ -224,12 +266,14 @@ PreparedBackward prepare_sn_backward(const at::Tensor& grad_out, const at::Tenso
   check_grad(op, grad_out, weight);
   Matricization mat[1] = {matricize(weight, dim)};
   check_state(op, state, weight, state_size(mat, 1));
-  return allocate_backward(grad_out, weight, state, 1, mat, scale);
+  check_variant(op, weight, coeff, gamma, false);
+  return allocate_backward(grad_out, weight, state, 1, mat, scale, coeff, gamma);
 }
 
 PreparedBackward prepare_bsn_backward(const at::Tensor& grad_out,
                                       const at::Tensor& weight,
-                                      const at::Tensor& state, double scale) {
+                                      const at::Tensor& state, double scale, double coeff,
+                                      const OptTensor& gamma) {
   constexpr const char* op = "bsn_cuda::bsn_backward";
   check_weight(op, weight, 3);
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op,
@@ -238,7 +282,8 @@ PreparedBackward prepare_bsn_backward(const at::Tensor& grad_out,
   Matricization mat[2];
   bsn_matricizations(weight, mat);
   check_state(op, state, weight, state_size(mat, 2));
-  return allocate_backward(grad_out, weight, state, 2, mat, scale);
+  check_variant(op, weight, coeff, gamma, false);
+  return allocate_backward(grad_out, weight, state, 2, mat, scale, coeff, gamma);
 }
 
 }  // namespace bsn

@@ -7,18 +7,20 @@ TORCH_LIBRARY(bsn_cuda, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
   m.def(
       "sn_forward(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, "
-      "int n_power_iterations, float eps, float scale, bool update) -> (Tensor, Tensor)",
+      "int n_power_iterations, float eps, float scale, bool update, float coeff=0., "
+      "Tensor? gamma=None, bool track_only=False) -> (Tensor, Tensor)",
       tags);
   m.def(
-      "sn_backward(Tensor grad_out, Tensor weight, Tensor state, int dim, float scale) "
-      "-> Tensor",
+      "sn_backward(Tensor grad_out, Tensor weight, Tensor state, int dim, float scale, "
+      "float coeff=0., Tensor? gamma=None) -> Tensor",
       tags);
   m.def(
       "bsn_forward(Tensor weight, Tensor(a!) u0, Tensor(b!) v0, Tensor(c!) u1, "
-      "Tensor(d!) v1, int n_power_iterations, float eps, float scale, bool update) "
-      "-> (Tensor, Tensor)",
+      "Tensor(d!) v1, int n_power_iterations, float eps, float scale, bool update, "
+      "float coeff=0., Tensor? gamma=None, bool track_only=False) -> (Tensor, Tensor)",
       tags);
   m.def(
-      "bsn_backward(Tensor grad_out, Tensor weight, Tensor state, float scale) -> Tensor",
+      "bsn_backward(Tensor grad_out, Tensor weight, Tensor state, float scale, "
+      "float coeff=0., Tensor? gamma=None) -> Tensor",
       tags);
 }

@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 
 namespace bsn {
@@ -99,6 +100,19 @@ bool to_bool(PyObject* obj, bool& out) {
   return true;
 }
 
+// The variant arguments (coeff, gamma, track_only) after the log, when given;
+// false for a type that needs the general path.
+bool to_variant(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t first, double& coeff,
+                std::optional<at::Tensor>& gamma, bool& track_only) {
+  if (nargs == first) return true;
+  if (!to_double(args[first], coeff) || !to_bool(args[first + 2], track_only)) return false;
+  PyObject* g = args[first + 1];
+  if (g == Py_None) return true;
+  if (!plain_tensor(g)) return false;
+  gamma = THPVariable_Unpack(g);
+  return true;
+}
+
 PyObject* wrap_result(ForwardResult&& result) {
   PyObject* out = THPVariable_Wrap(std::move(std::get<0>(result)));
   if (!out) return nullptr;
@@ -113,11 +127,13 @@ PyObject* wrap_result(ForwardResult&& result) {
   return tuple;
 }
 
-// sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log)
+// sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update, log
+//            [, coeff, gamma, track_only])
 PyObject* fast_sn_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 9) {
-    PyErr_Format(PyExc_TypeError, "bsn_cuda._C.sn_forward: expected 9 arguments, got %zd", nargs);
+  if (nargs != 9 && nargs != 12) {
+    PyErr_Format(PyExc_TypeError, "bsn_cuda._C.sn_forward: expected 9 or 12 arguments, got %zd",
+                 nargs);
     return nullptr;
   }
   const bool with_log = args[8] != Py_None;
@@ -132,6 +148,10 @@ PyObject* fast_sn_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
       !to_double(args[6], scale) || !to_bool(args[7], update)) {
     Py_RETURN_NONE;
   }
+  double coeff = 0;
+  std::optional<at::Tensor> gamma;
+  bool track_only = false;
+  if (!to_variant(args, nargs, 9, coeff, gamma, track_only)) Py_RETURN_NONE;
   const at::Tensor& weight = THPVariable_Unpack(args[0]);
   if (!has_kernel(weight)) Py_RETURN_NONE;
   at::Tensor u = THPVariable_Unpack(args[1]);
@@ -139,11 +159,12 @@ PyObject* fast_sn_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bsn_cuda::sn_forward", "")
                        .typed<ForwardResult(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t,
-                                            int64_t, double, double, bool)>();
+                                            int64_t, double, double, bool, double,
+                                            const std::optional<at::Tensor>&, bool)>();
   ForwardResult result;
   {
     ReleaseGil no_gil;
-    result = op.call(weight, u, v, dim, iters, eps, scale, update);
+    result = op.call(weight, u, v, dim, iters, eps, scale, update, coeff, gamma, track_only);
     if (with_log) {
       at::Tensor log = THPVariable_Unpack(args[8]);
       write_log(log, std::get<1>(result), 1);
@@ -153,11 +174,13 @@ PyObject* fast_sn_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
   END_HANDLE_TH_ERRORS
 }
 
-// bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log)
+// bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log
+//             [, coeff, gamma, track_only])
 PyObject* fast_bsn_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 10) {
-    PyErr_Format(PyExc_TypeError, "bsn_cuda._C.bsn_forward: expected 10 arguments, got %zd", nargs);
+  if (nargs != 10 && nargs != 13) {
+    PyErr_Format(PyExc_TypeError, "bsn_cuda._C.bsn_forward: expected 10 or 13 arguments, got %zd",
+                 nargs);
     return nullptr;
   }
   const bool with_log = args[9] != Py_None;
@@ -174,6 +197,10 @@ PyObject* fast_bsn_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
       !to_bool(args[8], update)) {
     Py_RETURN_NONE;
   }
+  double coeff = 0;
+  std::optional<at::Tensor> gamma;
+  bool track_only = false;
+  if (!to_variant(args, nargs, 10, coeff, gamma, track_only)) Py_RETURN_NONE;
   const at::Tensor& weight = THPVariable_Unpack(args[0]);
   if (!has_kernel(weight)) Py_RETURN_NONE;
   at::Tensor u0 = THPVariable_Unpack(args[1]);
@@ -184,11 +211,12 @@ PyObject* fast_bsn_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
                        .findSchemaOrThrow("bsn_cuda::bsn_forward", "")
                        .typed<ForwardResult(const at::Tensor&, at::Tensor&, at::Tensor&,
                                             at::Tensor&, at::Tensor&, int64_t, double, double,
+                                            bool, double, const std::optional<at::Tensor>&,
                                             bool)>();
   ForwardResult result;
   {
     ReleaseGil no_gil;
-    result = op.call(weight, u0, v0, u1, v1, iters, eps, scale, update);
+    result = op.call(weight, u0, v0, u1, v1, iters, eps, scale, update, coeff, gamma, track_only);
     if (with_log) {
       at::Tensor log = THPVariable_Unpack(args[9]);
       write_log(log, std::get<1>(result), 3);

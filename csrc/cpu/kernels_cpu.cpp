@@ -424,9 +424,13 @@ void commit_pair(const Pair<A>& pr, bool update, T* u_buf, T* v_buf, A* state_u,
   for (int64_t n = 0; n < N; ++n) state_v[n] = static_cast<A>(v_buf[n]);
 }
 
+// The output factor a (docs/design.md, Variants), and whether it projects.
 template <typename A>
-A effective_sigma(A sigma) {
-  return sigma == A(0) ? A(1) : sigma;
+A variant_factor(A sigma, double scale, double coeff, const void* gamma, bool* projects) {
+  const bool proj = variant_projects(sigma, static_cast<A>(coeff));
+  if (projects != nullptr) *projects = proj;
+  const A a = proj ? static_cast<A>(projected_scale(scale, coeff)) / sigma : static_cast<A>(scale);
+  return gamma == nullptr ? a : a * *static_cast<const A*>(gamma);
 }
 
 // out[b:e] = w[b:e] * factor.
@@ -530,7 +534,8 @@ void forward(const ForwardParams& p) {
                 state + state_u_offset(p.mat, p.num_pairs, k),
                 state + state_v_offset(p.mat, p.num_pairs, k));
   }
-  const A factor = static_cast<A>(p.scale) / effective_sigma(sigma);
+  if (p.track_only) return;  // no output pass: the caller returns the weight
+  const A factor = variant_factor(sigma, p.scale, p.coeff, p.gamma, static_cast<bool*>(nullptr));
   if (p.mat[0].outer == 1) {  // the passes' rows are contiguous: follow their split
     rescale_rows(w, static_cast<T*>(p.out), p.mat[0].rows, p.mat[0].cols(), factor, reverse);
   } else if (p.num_pairs == 1 && is_transposed_2d(p.mat[0])) {  // rows of W2, as its passes
@@ -548,9 +553,10 @@ void backward(const BackwardParams& p) {
   T* dw = static_cast<T*>(p.grad_weight);
   const A* state = static_cast<const A*>(p.state);
   const A sigma = state[0];
-  const A a = static_cast<A>(p.scale) / effective_sigma(sigma);
+  bool proj = true;
+  const A a = variant_factor(sigma, p.scale, p.coeff, p.gamma, &proj);
 
-  if (sigma == A(0)) {  // the zero rule: sigma is the constant 1
+  if (!proj) {  // the zero rule, or a soft bound below coeff: a constant factor
     rescale(g, dw, p.numel, a);
     return;
   }

@@ -14,9 +14,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> sn_forward_cpu(const at::Tensor& weight, at::Tensor& u,
                                                   at::Tensor& v, int64_t dim,
                                                   int64_t n_power_iterations, double eps,
-                                                  double scale, bool update) {
-  PreparedForward prep =
-      prepare_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
+                                                  double scale, bool update, double coeff,
+                                                  const OptTensor& gamma, bool track_only) {
+  PreparedForward prep = prepare_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale,
+                                            update, coeff, gamma, track_only);
   BSN_DISPATCH_FLOATING(weight.scalar_type(), "bsn_cuda::sn_forward",
                         [&] { cpu::forward<scalar_t>(prep.params); });
   return {prep.out, prep.state};
@@ -25,25 +26,29 @@ std::tuple<at::Tensor, at::Tensor> sn_forward_cpu(const at::Tensor& weight, at::
 std::tuple<at::Tensor, at::Tensor> bsn_forward_cpu(const at::Tensor& weight, at::Tensor& u0,
                                                    at::Tensor& v0, at::Tensor& u1,
                                                    at::Tensor& v1, int64_t n_power_iterations,
-                                                   double eps, double scale, bool update) {
-  PreparedForward prep =
-      prepare_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+                                                   double eps, double scale, bool update,
+                                                   double coeff, const OptTensor& gamma,
+                                                   bool track_only) {
+  PreparedForward prep = prepare_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps,
+                                             scale, update, coeff, gamma, track_only);
   BSN_DISPATCH_FLOATING(weight.scalar_type(), "bsn_cuda::bsn_forward",
                         [&] { cpu::forward<scalar_t>(prep.params); });
   return {prep.out, prep.state};
 }
 
 at::Tensor sn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
-                           const at::Tensor& state, int64_t dim, double scale) {
-  PreparedBackward prep = prepare_sn_backward(grad_out, weight, state, dim, scale);
+                           const at::Tensor& state, int64_t dim, double scale, double coeff,
+                           const OptTensor& gamma) {
+  PreparedBackward prep = prepare_sn_backward(grad_out, weight, state, dim, scale, coeff, gamma);
   BSN_DISPATCH_FLOATING(weight.scalar_type(), "bsn_cuda::sn_backward",
                         [&] { cpu::backward<scalar_t>(prep.params); });
   return prep.grad_weight;
 }
 
 at::Tensor bsn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
-                            const at::Tensor& state, double scale) {
-  PreparedBackward prep = prepare_bsn_backward(grad_out, weight, state, scale);
+                            const at::Tensor& state, double scale, double coeff,
+                            const OptTensor& gamma) {
+  PreparedBackward prep = prepare_bsn_backward(grad_out, weight, state, scale, coeff, gamma);
   BSN_DISPATCH_FLOATING(weight.scalar_type(), "bsn_cuda::bsn_backward",
                         [&] { cpu::backward<scalar_t>(prep.params); });
   return prep.grad_weight;

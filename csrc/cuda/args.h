@@ -30,7 +30,10 @@ struct FwdArgs {
   acc_t<scalar_t>* state;
   acc_t<scalar_t>* ws;
   acc_t<scalar_t> eps;
-  acc_t<scalar_t> scale;
+  acc_t<scalar_t> scale;    // the factor where it does not project (docs/design.md, Variants)
+  acc_t<scalar_t> scale_k;  // scale * coeff (soft bound) or scale: divided by sigma where it projects
+  acc_t<scalar_t> coeff;    // 0: SN; > 0: soft bound
+  const acc_t<scalar_t>* gamma;  // learnable scale (one element) or nullptr
   ForwardPlan P;
 };
 
@@ -41,7 +44,10 @@ struct BwdArgs {
   scalar_t* gw;
   const acc_t<scalar_t>* state;
   acc_t<scalar_t>* ws;
-  acc_t<scalar_t> scale;
+  acc_t<scalar_t> scale;    // as in FwdArgs
+  acc_t<scalar_t> scale_k;
+  acc_t<scalar_t> coeff;
+  const acc_t<scalar_t>* gamma;
   BackwardPlan P;
 };
 

@@ -45,9 +45,10 @@ __device__ void bw_apply(const BwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int6
   acc* bscr = smem + kThreads;
   const acc c = block_sum_array(A.ws, P.items, bscr);
   const acc sigma = A.state[0];
-  const bool zero = sigma == acc(0);
-  const acc a = A.scale / (zero ? acc(1) : sigma);
-  const acc kcoef = zero ? acc(0) : mul_rn(a, c) / sigma;
+  const bool proj = variant_projects(sigma, A.coeff);  // docs/design.md, Variants
+  const acc a0 = proj ? A.scale_k / sigma : A.scale;
+  const acc a = A.gamma != nullptr ? mul_rn(a0, *A.gamma) : a0;
+  const acc kcoef = proj ? mul_rn(a, c) / sigma : acc(0);
   const bool has_row = P.has_row != 0;
   const bool has_str = P.has_str != 0;
   const acc* ur = A.state + P.st_u[P.row_pair];

@@ -526,8 +526,9 @@ __device__ void finish_forward(const FwdArgs<scalar_t>& A, acc_t<scalar_t> sig_r
       A.state[2] = sig_s;  // pair 1 (dim 1)
     }
   }
-  const acc sigma_eff = sigma == acc(0) ? acc(1) : sigma;
-  const acc f = A.scale / sigma_eff;
+  if (A.out == nullptr) return;  // track-only: no output pass
+  const acc f0 = variant_projects(sigma, A.coeff) ? A.scale_k / sigma : A.scale;
+  const acc f = A.gamma != nullptr ? mul_rn(f0, *A.gamma) : f0;
   scale_pass<scalar_t>(A.w, A.out, P.numel, f, P.e_tiles, P.d_reverse != 0, bid, nblk);
 }
 

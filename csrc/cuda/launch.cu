@@ -224,6 +224,9 @@ void launch_forward(const ForwardParams& p, const ForwardPlan& plan, void* works
   A.ws = static_cast<acc*>(workspace);
   A.eps = static_cast<acc>(p.eps);
   A.scale = static_cast<acc>(p.scale);
+  A.scale_k = static_cast<acc>(projected_scale(p.scale, p.coeff));
+  A.coeff = static_cast<acc>(p.coeff);
+  A.gamma = static_cast<const acc*>(p.gamma);
   A.P = plan;
   const int64_t smem_a = plan.a_smem;
   const int64_t smem = plan.scratch_smem;
@@ -276,6 +279,9 @@ void launch_backward(const BackwardParams& p, const BackwardPlan& plan, void* wo
   A.ws = static_cast<acc*>(workspace);
   A.w = static_cast<const scalar_t*>(p.weight);
   A.scale = static_cast<acc>(p.scale);
+  A.scale_k = static_cast<acc>(projected_scale(p.scale, p.coeff));
+  A.coeff = static_cast<acc>(p.coeff);
+  A.gamma = static_cast<const acc*>(p.gamma);
   A.P = plan;
   const int64_t smem = plan.scratch_smem;
   auto K = [](BwdKernel k) { return backward_kernel<scalar_t>(k); };

@@ -104,38 +104,44 @@ at::Tensor run_backward(const PreparedBackward& prep) {
 std::tuple<at::Tensor, at::Tensor> sn_forward_cuda(const at::Tensor& weight, at::Tensor& u,
                                                    at::Tensor& v, int64_t dim,
                                                    int64_t n_power_iterations, double eps,
-                                                   double scale, bool update) {
+                                                   double scale, bool update, double coeff,
+                                                   const OptTensor& gamma, bool track_only) {
   check_cuda("bsn_cuda::sn_forward", weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedForward prep =
-      prepare_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update);
+  const PreparedForward prep = prepare_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale,
+                                                  update, coeff, gamma, track_only);
   return run_forward(prep);
 }
 
 at::Tensor sn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
-                            const at::Tensor& state, int64_t dim, double scale) {
+                            const at::Tensor& state, int64_t dim, double scale, double coeff,
+                            const OptTensor& gamma) {
   check_cuda("bsn_cuda::sn_backward", weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedBackward prep = prepare_sn_backward(grad_out, weight, state, dim, scale);
+  const PreparedBackward prep =
+      prepare_sn_backward(grad_out, weight, state, dim, scale, coeff, gamma);
   return run_backward(prep);
 }
 
 std::tuple<at::Tensor, at::Tensor> bsn_forward_cuda(const at::Tensor& weight, at::Tensor& u0,
                                                     at::Tensor& v0, at::Tensor& u1, at::Tensor& v1,
                                                     int64_t n_power_iterations, double eps,
-                                                    double scale, bool update) {
+                                                    double scale, bool update, double coeff,
+                                                    const OptTensor& gamma, bool track_only) {
   check_cuda("bsn_cuda::bsn_forward", weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedForward prep =
-      prepare_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update);
+  const PreparedForward prep = prepare_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps,
+                                                   scale, update, coeff, gamma, track_only);
   return run_forward(prep);
 }
 
 at::Tensor bsn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
-                             const at::Tensor& state, double scale) {
+                             const at::Tensor& state, double scale, double coeff,
+                             const OptTensor& gamma) {
   check_cuda("bsn_cuda::bsn_backward", weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedBackward prep = prepare_bsn_backward(grad_out, weight, state, scale);
+  const PreparedBackward prep =
+      prepare_bsn_backward(grad_out, weight, state, scale, coeff, gamma);
   return run_backward(prep);
 }
 
