@@ -20,6 +20,7 @@ reference, with a RuntimeWarning at import).
 from . import _ops, diagnostics, ema, functional, reference
 from ._ops import HAS_EXTENSION
 from ._patch import is_torch_patched, patch_torch, unpatch_torch
+from .ema import refresh_spectral_norm
 from .conv_sn import conv_spectral_norm
 from .nn import (
     apply_spectral_norm,
@@ -46,6 +47,7 @@ __all__ = [
     "unpatch_torch",
     "is_torch_patched",
     "conv_spectral_norm",
+    "refresh_spectral_norm",
     "diagnostics",
     "spectral_norm_checkpoint_context",
     "ema",

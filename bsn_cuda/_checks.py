@@ -28,6 +28,8 @@ __all__ = [
     "check_name",
     "check_weight",
     "check_functional_weight",
+    "check_variant_kwargs",
+    "check_coeff",
     "REAL_DTYPES",
 ]
 
@@ -59,6 +61,39 @@ def check_positive_float(name, value):
 def check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"expected {name} to be a bool, got {type(value).__name__}")
+
+
+def check_coeff(coeff):
+    """The soft bound's ``coeff``: None (off) or a finite float > 0."""
+    if coeff is None:
+        return None
+    check_positive_float("coeff", coeff)
+    return float(coeff)
+
+
+def check_variant_kwargs(weight, coeff=None, learnable_scale=False, track_only=False, n_power_iterations_eval=0):
+    """The variant keywords of the parametrizations (docs/design.md, Variants); returns them as a dict."""
+    coeff = check_coeff(coeff)
+    check_bool("learnable_scale", learnable_scale)
+    check_bool("track_only", track_only)
+    check_int("n_power_iterations_eval", n_power_iterations_eval, minimum=0)
+    if track_only and (coeff is not None or learnable_scale):
+        raise ValueError(
+            f"expected track_only=True alone (the weight passes through unchanged), got coeff={coeff}, "
+            f"learnable_scale={learnable_scale}"
+        )
+    used = coeff is not None or learnable_scale or track_only or n_power_iterations_eval > 0
+    if used and (weight.ndim < 2 or weight.is_complex()):
+        raise ValueError(
+            "expected a real weight with at least 2 dimensions for coeff, learnable_scale, track_only or "
+            f"n_power_iterations_eval, got {weight.ndim}-D {weight.dtype}"
+        )
+    return {
+        "coeff": coeff,
+        "learnable_scale": learnable_scale,
+        "track_only": track_only,
+        "n_power_iterations_eval": n_power_iterations_eval,
+    }
 
 
 def check_n_power_iterations(n_power_iterations):

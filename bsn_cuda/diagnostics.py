@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from .conv_sn import ConvSpectralNorm, conv_operator_norm
 from .nn import BidirectionalSpectralNorm, SpectralNorm
 
-__all__ = ["LayerReport", "probe", "layer_kind", "to_markdown", "exact_sigma"]
+__all__ = ["LayerReport", "probe", "layer_kind", "to_markdown", "exact_sigma", "top_singular_values", "TopSingularValues"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 _CONVS = _LAYERS[:-1]
@@ -209,3 +209,62 @@ def to_markdown(reports, columns=("name", "kind", "grad_norm", "sigma_mat0", "si
         d = r.as_dict()
         lines.append("| " + " | ".join(fmt(d[c]) for c in columns) + " |")
     return "\n".join(lines)
+
+
+class TopSingularValues(tuple):
+    """``(values, right_vectors)`` of :func:`top_singular_values`."""
+
+    __slots__ = ()
+
+    def __new__(cls, values, right_vectors):
+        return super().__new__(cls, (values, right_vectors))
+
+    values = property(lambda self: self[0])
+    right_vectors = property(lambda self: self[1])
+
+
+@torch.no_grad()
+def top_singular_values(weight, k=3, dim=0, n_iter=10, init=None, generator=None):
+    """The ``k`` largest singular values of ``W_mat(dim)``, for logging (BigGAN's ``num_svs``).
+
+    Block (subspace) power iteration: ``V`` (``N x k``) orthonormal, then
+    ``n_iter`` times ``U = orth(W_mat V)``, ``V = orth(W_mat^T U)`` (QR), and
+    the values are the singular values of the ``k x k`` matrix ``U^T W_mat V``
+    (descending). Each iteration is two GEMMs with ``k`` columns, about ``k``
+    times one power iteration. ``init``: the ``right_vectors`` of a previous
+    call (warm start: a few iterations per training step then track the
+    spectrum, as SN's vectors do); else drawn from ``generator``.
+
+    ``weight``: a tensor (``ndim >= 2``, computed in float32, or float64 for
+    float64 weights) or a module whose ``weight`` (the raw weight of a
+    normalized layer) is used. Returns ``TopSingularValues(values, right_vectors)``:
+    ``values`` a 1-D tensor of ``k`` values on the weight's device (no host
+    sync), ``right_vectors`` ``N x k``. Not fused (a diagnostic, not on the
+    training path).
+    """
+    if isinstance(weight, nn.Module):
+        weight = _raw_weight(weight)
+    if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+        raise ValueError(f"expected a weight tensor with at least 2 dimensions or a layer, got {type(weight).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"expected k to be an int >= 1, got {k!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"expected n_iter to be an int >= 1, got {n_iter!r}")
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(acc)
+    w = w.movedim(dim, 0).reshape(w.shape[dim], -1)
+    m, n = w.shape
+    if k > min(m, n):
+        raise ValueError(f"expected k <= min(M, N) = {min(m, n)} for W_mat of shape {list(w.shape)}, got {k}")
+    if init is None:
+        v = torch.randn(n, k, dtype=acc, device=w.device, generator=generator)
+    else:
+        if init.shape != (n, k):
+            raise ValueError(f"expected init of shape {[n, k]} (a previous right_vectors), got {list(init.shape)}")
+        v = init.to(device=w.device, dtype=acc)
+    v = torch.linalg.qr(v).Q
+    for _ in range(n_iter):
+        u = torch.linalg.qr(w @ v).Q
+        v = torch.linalg.qr(w.t() @ u).Q
+    values = torch.linalg.svdvals(u.t() @ w @ v)
+    return TopSingularValues(values, v)

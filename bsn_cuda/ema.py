@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import check_int, check_module
+from ._checks import check_int, check_module, check_positive_float
 from .nn.parametrizations import PARAMETRIZATIONS as _PARAMETRIZATIONS
 
 __all__ = ["EMA", "update_ema", "refresh_spectral_norm"]
@@ -81,16 +81,27 @@ def _vector_names(p):
 
 
 @torch.no_grad()
-def refresh_spectral_norm(model, n_power_iterations=1):
+def refresh_spectral_norm(model, n_power_iterations=None, *, tol=1e-4, max_iter=1000):
     """Make the power-iteration vectors of every bsn_cuda SN/BSN layer in ``model``
-    unit vectors again and run ``n_power_iterations`` iterations on the layer's
-    current weight (in place; 0 only renormalizes). Returns ``model``.
+    unit vectors again, then iterate on the layer's current weight (in place).
+    Returns ``model``. Also ``bsn_cuda.refresh_spectral_norm``.
+
+    * ``n_power_iterations=None`` (default): converge: one iteration at a time
+      until ``|sigma_k - sigma_{k-1}| <= tol * sigma_k`` or ``max_iter``
+      iterations per layer (one host sync per iteration). For layers
+      evaluated before any training (their stored sigma is a 15-iteration
+      estimate) and before logging or exporting sigma.
+    * ``n_power_iterations=n``: exactly ``n`` iterations (0 only renormalizes).
 
     For vectors edited by arithmetic (averaged, interpolated, loaded from an
-    averaged checkpoint). Vectors that are zero or not finite are left alone.
+    averaged checkpoint) too. Vectors that are zero or not finite are left alone.
     """
     check_module(model, "model")
-    check_int("n_power_iterations", n_power_iterations, minimum=0)
+    if n_power_iterations is not None:
+        check_int("n_power_iterations", n_power_iterations, minimum=0)
+    else:
+        check_positive_float("tol", tol)
+        check_int("max_iter", max_iter, minimum=1)
     for _, module, name, index, p in _spectral_norms(_unwrap(model)):
         for vec_name in _vector_names(p):
             vec = p._buffers[vec_name]
@@ -98,7 +109,9 @@ def refresh_spectral_norm(model, n_power_iterations=1):
             norm = torch.linalg.vector_norm(acc)
             ok = torch.isfinite(norm) & (norm > 0)
             vec.copy_(torch.where(ok, acc / torch.where(ok, norm, torch.ones_like(norm)), acc))
-        if n_power_iterations > 0:
+        if n_power_iterations is None:
+            p.converge(_input_of(module, name, index), tol, max_iter)
+        elif n_power_iterations > 0:
             p.power_iterate(_input_of(module, name, index), n_power_iterations)
     return model
 

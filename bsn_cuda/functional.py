@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import _ops, reference
 from ._checks import (
     check_bool,
+    check_coeff,
     check_functional_weight,
     check_hyperparameters,
     check_int,
@@ -56,7 +57,27 @@ def uses_single_matricization(shape):
 # The normalizations.
 
 
-def spectral_norm(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, scale=1.0, training=True):
+def _variant(weight, training, coeff, gamma, track_only, n_power_iterations_eval):
+    """The ops' trailing ``(coeff, gamma, track_only)`` (empty for plain SN), and
+    whether the call iterates on copies of the vectors (eval iterations)."""
+    coeff = check_coeff(coeff)
+    check_tensor("gamma", gamma, allow_none=True)
+    check_bool("track_only", track_only)
+    check_int("n_power_iterations_eval", n_power_iterations_eval, minimum=0)
+    if track_only and (coeff is not None or gamma is not None):
+        raise ValueError(
+            f"expected track_only=True alone, got coeff={coeff}, gamma={'None' if gamma is None else 'a tensor'}"
+        )
+    copies = not training and n_power_iterations_eval > 0
+    if coeff is None and gamma is None and not track_only and not copies:
+        return (), False
+    if weight.ndim < 2:
+        raise ValueError(f"expected a weight with at least 2 dimensions for the variants, got {weight.ndim}-D")
+    return (float(coeff or 0.0), gamma, track_only), copies
+
+
+def spectral_norm(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, scale=1.0, training=True, *, coeff=None,
+                  gamma=None, track_only=False, n_power_iterations_eval=0):
     """``scale * W / sigma(W_mat(dim))`` with sigma estimated by power iteration.
 
     Args:
@@ -75,20 +96,34 @@ def spectral_norm(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, scale=1.
 
     A 1-D weight is normalized exactly: ``W / max(||W||, eps) * scale``. A
     weight with ``sigma == 0`` (all zeros) gives ``scale * W`` (torch: NaN).
+
+    Variants (docs/design.md; weights with ``ndim >= 2``): ``coeff=c`` the soft
+    bound ``W / max(1, sigma / c)``; ``gamma`` (a one-element tensor of the
+    accumulation dtype, differentiable) the learnable scale ``gamma * W / sigma``;
+    ``track_only=True`` returns ``weight`` itself after updating ``u``/``v``;
+    ``n_power_iterations_eval=n`` makes ``training=False`` calls iterate ``n``
+    times on copies of ``u``/``v``.
     """
     check_functional_weight(weight)
     dim = check_op_dim(dim, weight.ndim)
     check_hyperparameters(n_power_iterations, eps, scale)
     check_bool("training", training)
+    variant, copies = _variant(weight, training, coeff, gamma, track_only, n_power_iterations_eval)
     if weight.ndim == 1:
         return reference.normalize_vector(weight, eps, scale)
     check_tensor("u", u)
     check_tensor("v", v)
-    out, _ = _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, training)
-    return out
+    if not variant:
+        out, _ = _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, training)
+        return out
+    if copies:
+        u, v, training, n_power_iterations = u.clone(), v.clone(), True, n_power_iterations_eval
+    out, _ = _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, training, None, *variant)
+    return weight if track_only else out
 
 
-def bidirectional_spectral_norm(weight, u0, v0, u1, v1, n_power_iterations=1, eps=1e-12, scale=1.0, training=True):
+def bidirectional_spectral_norm(weight, u0, v0, u1, v1, n_power_iterations=1, eps=1e-12, scale=1.0, training=True,
+                                *, coeff=None, gamma=None, track_only=False, n_power_iterations_eval=0):
     """Bidirectional (scaled) SN: ``scale * W / ((sigma_0 + sigma_1) / 2)``.
 
     ``sigma_0`` is the spectral norm of ``W_mat(0)`` (``[c_out, c_in * k]``,
@@ -99,23 +134,36 @@ def bidirectional_spectral_norm(weight, u0, v0, u1, v1, n_power_iterations=1, ep
     For weights where both matricizations are transposes of each other
     (:func:`uses_single_matricization`: 2-D weights, 1x1 kernels) this is SN
     along dim 0 and only ``u0``/``v0`` are used (``u1``/``v1`` may be None).
-    1-D weights: ``W / max(||W||, eps) * scale``. Other arguments as in
-    :func:`spectral_norm`; a weight with sigma 0 gives ``scale * W``.
+    1-D weights: ``W / max(||W||, eps) * scale``. Other arguments (variants
+    included) as in :func:`spectral_norm`; a weight with sigma 0 gives ``scale * W``.
     """
     check_functional_weight(weight)
     check_hyperparameters(n_power_iterations, eps, scale)
     check_bool("training", training)
+    variant, copies = _variant(weight, training, coeff, gamma, track_only, n_power_iterations_eval)
     if weight.ndim == 1:
         return reference.normalize_vector(weight, eps, scale)
     check_tensor("u0", u0)
     check_tensor("v0", v0)
-    if uses_single_matricization(weight.shape):
-        out, _ = _ops.sn_forward(weight, u0, v0, 0, n_power_iterations, eps, scale, training)
+    single = uses_single_matricization(weight.shape)
+    if not single:
+        check_tensor("u1", u1)
+        check_tensor("v1", v1)
+    if not variant:
+        if single:
+            out, _ = _ops.sn_forward(weight, u0, v0, 0, n_power_iterations, eps, scale, training)
+        else:
+            out, _ = _ops.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, training)
         return out
-    check_tensor("u1", u1)
-    check_tensor("v1", v1)
-    out, _ = _ops.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, training)
-    return out
+    if copies:
+        u0, v0, training, n_power_iterations = u0.clone(), v0.clone(), True, n_power_iterations_eval
+        if not single:
+            u1, v1 = u1.clone(), v1.clone()
+    if single:
+        out, _ = _ops.sn_forward(weight, u0, v0, 0, n_power_iterations, eps, scale, training, None, *variant)
+    else:
+        out, _ = _ops.bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, training, None, *variant)
+    return weight if track_only else out
 
 
 # ---------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def _get_weight(module, name, stacking):
     return weight
 
 
-def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None, scale=1.0):
+def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None, scale=1.0, **variant):
     """Apply spectral normalization to ``module.<name>`` (fused, drop-in for torch's).
 
     Same as ``torch.nn.utils.parametrizations.spectral_norm`` (``dim=None``
@@ -77,17 +77,32 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
 
     ``scale`` multiplies the result (target spectral norm). A weight with
     sigma 0 (all zeros) gives ``scale * W`` where torch gives NaN.
+
+    Variants (keywords, docs/design.md; real weights with ``ndim >= 2``):
+
+    * ``coeff=c``: the soft bound ``W / max(1, sigma / c)`` (SNGP/DUE); at
+      ``sigma == c`` the gradient is that of the constant factor 1.
+    * ``learnable_scale=True``: ``gamma * W / sigma`` (sigmaReparam), ``gamma``
+      a Parameter (``parametrizations.<name>.0.gamma``, 0-d, float32 or
+      float64 for float64 weights) set at registration to sigma of a
+      converged power iteration, so the layer starts as ``W``.
+    * ``track_only=True``: ``W`` passes through unchanged (values and
+      gradient); u/v and the sigma log (:func:`get_sigma`) update as in SN.
+    * ``n_power_iterations_eval=n``: eval forwards run ``n`` power iterations
+      on copies of the vectors (the stored ones stay); 0 (default) as torch.
     """
     weight = _get_weight(module, name, stacking=True)
     if dim is None:
         dim = 1 if isinstance(module, CONV_TRANSPOSE) else 0
-    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps, scale))
+    parametrize.register_parametrization(
+        module, name, SpectralNorm(weight, n_power_iterations, dim, eps, scale, **variant)
+    )
     add_legacy_checkpoint_hook(module, name)
     make_picklable(module)
     return module
 
 
-def bidirectional_spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, scale=1.0):
+def bidirectional_spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, scale=1.0, **variant):
     """Apply bidirectional (scaled) spectral normalization to ``module.<name>``.
 
     ``W / ((sigma_0 + sigma_1) / 2) * scale`` with ``sigma_0`` the spectral norm
@@ -98,11 +113,12 @@ def bidirectional_spectral_norm(module, name="weight", n_power_iterations=1, eps
     ``parametrizations.<name>.0._u0``, ``._v0``, ``._u1``, ``._v1``. Weights
     whose two matricizations are transposes of each other (2-D, 1x1 kernels)
     use SN along dim 0 and only ``_u0``/``_v0``. A weight with sigma 0 gives
-    ``scale * W``. Real weights only (TypeError for complex ones).
+    ``scale * W``. Real weights only (TypeError for complex ones). The
+    variant keywords of :func:`spectral_norm` apply, with BSN's sigma.
     """
     weight = _get_weight(module, name, stacking=False)
     parametrize.register_parametrization(
-        module, name, BidirectionalSpectralNorm(weight, n_power_iterations, eps, scale)
+        module, name, BidirectionalSpectralNorm(weight, n_power_iterations, eps, scale, **variant)
     )
     make_picklable(module)
     return module
@@ -243,9 +259,10 @@ def _has_spectral_norm(module, name):
     return legacy.legacy_hook(module, name) is not None
 
 
-def apply_spectral_norm(model, kind="sn", n_power_iterations=1, eps=1e-12, scale=1.0):
+def apply_spectral_norm(model, kind="sn", n_power_iterations=1, eps=1e-12, scale=1.0, **variant):
     """Add SN (``kind="sn"``) or BSN (``kind="bsn"``) to the weight of every
-    Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear and Embedding in ``model``.
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear and Embedding in ``model``
+    (variant keywords as in :func:`spectral_norm`).
 
     Raises ValueError for a layer that already has a spectral norm (ours or
     torch's; use :func:`convert_spectral_norm` for torch's) or an
@@ -263,9 +280,9 @@ def apply_spectral_norm(model, kind="sn", n_power_iterations=1, eps=1e-12, scale
                 f"module '{module_name}' ({type(module).__name__}) already has a spectral norm on 'weight'"
             )
         if kind == "sn":
-            spectral_norm(module, "weight", n_power_iterations, eps, scale=scale)
+            spectral_norm(module, "weight", n_power_iterations, eps, scale=scale, **variant)
         else:
-            bidirectional_spectral_norm(module, "weight", n_power_iterations, eps, scale)
+            bidirectional_spectral_norm(module, "weight", n_power_iterations, eps, scale, **variant)
     return model
 
 

@@ -57,7 +57,7 @@ _FAST_TRANSPOSED = _ops.FAST_SN_FORWARD_TRANSPOSED
 CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transposed=None):
+def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transposed=None, coeff=None):
     """``(W / sigma, state)`` with torch's legacy (v-first) power iteration on ``u``, ``v`` in place.
 
     ``transposed`` (default: ``update``) runs the op on ``W_mat^T``, the
@@ -66,9 +66,12 @@ def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transpose
     re-run by activation checkpointing passes ``update=False,
     transposed=True``: no iteration, and an autograd graph that saves the same
     tensors, in the same order, as the forward it replays.
+    ``coeff``: the soft bound ``W / max(1, sigma / coeff)`` (docs/design.md, Variants).
     """
     if transposed is None:
         transposed = update
+    if coeff is not None:
+        return _soft_legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transposed, float(coeff))
     if not transposed:
         # No iteration: sigma = u^T W_mat v is the same in either orientation,
         # and the op along `dim` reads W row by row in one pass. (A 1-D weight
@@ -82,6 +85,21 @@ def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transpose
     moved = weight.movedim(dim, 0)
     out, state = _ops.sn_forward_transposed(moved, u, v, n_power_iterations, eps, 1.0, update)
     return out.movedim(0, dim), state
+
+
+def _soft_legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transposed, coeff):
+    # legacy_forward's orientations, through the op with the coeff argument.
+    variant = (coeff, None, False)
+    if not transposed:
+        w = weight.reshape(-1, 1) if weight.ndim == 1 else weight
+        out, state = _ops.sn_forward(w, u, v, 0 if weight.ndim == 1 else dim, n_power_iterations, eps, 1.0, False,
+                                     None, *variant)
+        return out.view(weight.shape), state
+    moved = weight.movedim(dim, 0) if dim != 0 else weight
+    w_mat = moved.reshape(moved.shape[0], -1)
+    out, state = _ops.sn_forward(w_mat, v, u, 1, n_power_iterations, eps, 1.0, update, None, *variant)
+    out = out.view(moved.shape)
+    return (out.movedim(0, dim) if dim != 0 else out), state
 
 
 class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
@@ -98,6 +116,7 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
     """
 
     _cache = None
+    coeff = None  # the soft bound (bsn_cuda.nn.utils.spectral_norm(..., coeff=c)); None: SN
 
     @staticmethod
     def apply(module, name, n_power_iterations, dim, eps):
@@ -148,7 +167,8 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
             # backward) does not iterate again, but builds the same graph.
             update = training and not _context.in_backward_pass()
             result = None
-            if (training and self.dim == 0 and _FAST_TRANSPOSED is not None and _context.is_plain_eager()
+            if (training and self.dim == 0 and self.coeff is None and _FAST_TRANSPOSED is not None
+                    and _context.is_plain_eager()
                     and not onnx_export.is_exporting()):
                 # The eager training forward of a dim-0 layer (nearly every one):
                 # the C++ entry point directly, without compute_weight's layers of
@@ -193,11 +213,13 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
                 or weight.is_inference() or not _context.is_plain_eager()):
             if self._cache is not None:
                 self._cache = None
-            return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, update, transposed)[0]
+            return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, update, transposed,
+                                  self.coeff)[0]
         out = eval_cache.lookup(self._cache, weight, (u, v))
         if out is None:
             out = eval_cache.store(
-                self, lambda: legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, False)[0],
+                self, lambda: legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, False,
+                                             coeff=self.coeff)[0],
                 weight, (u, v))
         return out
 
@@ -230,7 +252,7 @@ def legacy_hook(module, name):
     return None
 
 
-def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
+def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None, coeff=None):
     """Fused drop-in for ``torch.nn.utils.spectral_norm`` (the hook-based, legacy SN).
 
     Same arguments, registration, buffers (``<name>_orig``, ``<name>_u``,
@@ -246,7 +268,10 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
     _checks.check_name(name)
     if dim is None:
         dim = 1 if isinstance(module, CONV_TRANSPOSE) else 0
-    FusedLegacySpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+    coeff = _checks.check_coeff(coeff)
+    hook = FusedLegacySpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+    if coeff is not None:
+        hook.coeff = coeff
     return module
 
 

@@ -18,12 +18,15 @@ from torch import nn
 
 from .. import _complex, _context, _ops, onnx_export, reference
 from . import eval_cache
-from .._checks import check_dim, check_hyperparameters, check_n_power_iterations, check_weight
+from .._checks import check_dim, check_hyperparameters, check_n_power_iterations, check_variant_kwargs, check_weight
 from ..functional import uses_single_matricization
 
 __all__ = ["SpectralNorm", "BidirectionalSpectralNorm", "uses_single_matricization"]
 
 WARM_UP_ITERATIONS = 15  # torch's _SpectralNorm warm-up at registration
+# Learnable scale: gamma starts at sigma from a power iteration run to this relative change.
+GAMMA_INIT_TOL = 1e-6
+GAMMA_INIT_MAX_ITER = 1000
 
 
 class _NormParametrization(nn.Module):
@@ -44,11 +47,18 @@ class _NormParametrization(nn.Module):
 
     _LOG = "_sigma"
 
-    def _init_common(self, weight, n_power_iterations, eps, scale, log_len):
+    def _init_common(self, weight, n_power_iterations, eps, scale, log_len, variant=None):
         self.eps = eps
         self.scale = float(scale)
         self.n_power_iterations = n_power_iterations
         self._cache = None
+        # Variants (docs/design.md): soft bound, learnable scale, track-only, eval iterations.
+        v = variant or {}
+        self.coeff = v.get("coeff")
+        self.learnable_scale = v.get("learnable_scale", False)
+        self.track_only = v.get("track_only", False)
+        self.n_power_iterations_eval = v.get("n_power_iterations_eval", 0)
+        self._variant = ()  # the ops' (coeff, gamma, track_only), set by _finish_variant
         acc = torch.float64 if weight.dtype in (torch.float64, torch.complex128) else torch.float32
         # The sigmas of the last forward (get_sigma); not in the state_dict.
         self.register_buffer(self._LOG, torch.full((log_len,), math.nan, dtype=acc, device=weight.device),
@@ -89,13 +99,71 @@ class _NormParametrization(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        # The sigma log stays in the accumulation dtype across module.to(dtype)/.half().
+        # The sigma log (and gamma) stay in the accumulation dtype across module.to(dtype)/.half().
         self._cache = None
         result = super()._apply(fn, *args, **kwargs)
         buf = self._buffers.get(self._LOG)
         if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
             self._buffers[self._LOG] = buf.float()
+        gamma = self._parameters.get("gamma")
+        if gamma is not None and gamma.dtype in (torch.float16, torch.bfloat16):
+            gamma.data = gamma.data.float()
         return result
+
+    # -- variants -------------------------------------------------------------
+
+    def _finish_variant(self, weight):
+        """After the vectors exist: gamma (learnable scale) = sigma of a converged
+        power iteration, so that the layer starts as the identity."""
+        if self.learnable_scale:
+            sigma = self.converge(weight.detach(), GAMMA_INIT_TOL, GAMMA_INIT_MAX_ITER)
+            self.gamma = nn.Parameter(sigma.reshape(()).clone())
+        self._refresh_variant()
+
+    def _refresh_variant(self):
+        if self.coeff is None and not self.learnable_scale and not self.track_only and not self.n_power_iterations_eval:
+            self._variant = ()
+        else:
+            self._variant = (float(self.coeff or 0.0), None, bool(self.track_only))
+
+    def _variant_args(self):
+        # gamma is read at each call: the Parameter object may be replaced (load_state_dict(assign=True), .to()).
+        if self.learnable_scale:
+            return (self._variant[0], self._parameters["gamma"], False)
+        return self._variant
+
+    def _eval_iterations(self, update):
+        """``(n, update, vectors_are_copies)`` of a call: an eval forward with
+        ``n_power_iterations_eval > 0`` iterates on copies of the vectors."""
+        if not update and self.n_power_iterations_eval > 0 and not self.training:
+            return self.n_power_iterations_eval, True, True
+        return None, update, False
+
+    def _output(self, weight, out):
+        # Track-only: the weight itself passes through (values and gradient).
+        return weight if self.track_only else out
+
+    @torch.no_grad()
+    def converge(self, weight, tol=1e-4, max_iter=1000):
+        """Power-iterate (in place, one iteration at a time) until
+        ``|sigma_k - sigma_{k-1}| <= tol * sigma_k`` or ``max_iter`` iterations;
+        returns sigma (0-dim tensor, acc dtype). One host sync per iteration."""
+        self._cache = None
+        weight = weight.detach()
+        prev = None
+        sigma = None
+        for _ in range(max_iter):
+            _, state = self._run(weight, 1, True, self._buffers[self._LOG], plain=True)
+            if state is None:  # 1-D weight: sigma is exact
+                return self._buffers[self._LOG][0].clone()
+            sigma = state[0].clone()
+            value = float(sigma)
+            if prev is not None and abs(value - prev) <= tol * abs(value):
+                break
+            if not math.isfinite(value):
+                break
+            prev = value
+        return sigma
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -151,13 +219,14 @@ class SpectralNorm(_NormParametrization):
 
     _LOG = "_sigma"
 
-    def __init__(self, weight, n_power_iterations=1, dim=0, eps=1e-12, scale=1.0, *, vectors=None):
+    def __init__(self, weight, n_power_iterations=1, dim=0, eps=1e-12, scale=1.0, *, vectors=None, **variant):
         super().__init__()
         check_weight(weight, allow_complex=True)
         self.dim = check_dim(dim, weight.ndim)
         check_n_power_iterations(n_power_iterations)
         check_hyperparameters(n_power_iterations, eps, scale)
-        self._init_common(weight, n_power_iterations, eps, scale, 1)
+        variant = check_variant_kwargs(weight, **variant)
+        self._init_common(weight, n_power_iterations, eps, scale, 1, variant)
         self._complex = weight.is_complex()
         self._vector_names = ("_u", "_v") if weight.ndim > 1 else ()
         if weight.ndim == 1:
@@ -176,8 +245,9 @@ class SpectralNorm(_NormParametrization):
                 u, v = vectors
                 self.register_buffer("_u", u.detach().clone(memory_format=torch.contiguous_format))
                 self.register_buffer("_v", v.detach().clone(memory_format=torch.contiguous_format))
+        self._finish_variant(weight)
 
-    def _run(self, weight, n_power_iterations, update, log):
+    def _run(self, weight, n_power_iterations, update, log, plain=False):
         if weight.ndim == 1:
             self._log_vector_norm(weight, log)
             return reference.normalize_vector(weight, self.eps, self.scale), None
@@ -188,11 +258,18 @@ class SpectralNorm(_NormParametrization):
             if log is not None and _ops.log_writable():
                 log.copy_(state)
             return out, state
-        return _ops.sn_forward(weight, b["_u"], b["_v"], self.dim, n_power_iterations, self.eps, self.scale,
-                               update, log)
+        if not self._variant or plain:
+            return _ops.sn_forward(weight, b["_u"], b["_v"], self.dim, n_power_iterations, self.eps, self.scale,
+                                   update, log)
+        n_eval, update, copies = self._eval_iterations(update)
+        u, v = (b["_u"].clone(), b["_v"].clone()) if copies else (b["_u"], b["_v"])
+        out, state = _ops.sn_forward(weight, u, v, self.dim, n_eval or n_power_iterations, self.eps, self.scale,
+                                     update, log, *self._variant_args())
+        return self._output(weight, out), state
 
     def extra_repr(self):
-        return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, scale={self.scale}"
+        return (f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, scale={self.scale}"
+                + _variant_repr(self))
 
 
 class BidirectionalSpectralNorm(_NormParametrization):
@@ -211,12 +288,13 @@ class BidirectionalSpectralNorm(_NormParametrization):
 
     _LOG = "_sigmas"
 
-    def __init__(self, weight, n_power_iterations=1, eps=1e-12, scale=1.0):
+    def __init__(self, weight, n_power_iterations=1, eps=1e-12, scale=1.0, **variant):
         super().__init__()
         check_weight(weight, what="a weight for bidirectional_spectral_norm")
         check_n_power_iterations(n_power_iterations)
         check_hyperparameters(n_power_iterations, eps, scale)
-        self._init_common(weight, n_power_iterations, eps, scale, 3)
+        variant = check_variant_kwargs(weight, **variant)
+        self._init_common(weight, n_power_iterations, eps, scale, 3, variant)
         self.single = weight.ndim >= 2 and uses_single_matricization(weight.shape)
         if weight.ndim < 2:
             self._vector_names = ()
@@ -230,22 +308,47 @@ class BidirectionalSpectralNorm(_NormParametrization):
                 v = weight.new_empty(weight.numel() // rows).normal_(0, 1)
                 self.register_buffer(f"_u{k}", F.normalize(u, dim=0, eps=eps))
                 self.register_buffer(f"_v{k}", F.normalize(v, dim=0, eps=eps))
-            self._run(weight.detach(), WARM_UP_ITERATIONS, True, None)
+            self._run(weight.detach(), WARM_UP_ITERATIONS, True, None, plain=True)
+        self._finish_variant(weight)
 
-    def _run(self, weight, n_power_iterations, update, log):
+    def _run(self, weight, n_power_iterations, update, log, plain=False):
         if weight.ndim == 1:
             self._log_vector_norm(weight, log)
             return reference.normalize_vector(weight, self.eps, self.scale), None
         b = self._buffers
+        variant = () if plain else self._variant
+        copies = False
+        if variant:
+            n_eval, update, copies = self._eval_iterations(update)
+            n_power_iterations = n_eval or n_power_iterations
+            variant = self._variant_args()
+        names = self._vector_names
+        vecs = [b[n].clone() for n in names] if copies else [b[n] for n in names]
         if self.single:  # the log then holds [sigma, sigma, sigma]
-            return _ops.sn_forward(weight, b["_u0"], b["_v0"], 0, n_power_iterations, self.eps, self.scale, update,
-                                   log)
-        return _ops.bsn_forward(weight, b["_u0"], b["_v0"], b["_u1"], b["_v1"], n_power_iterations, self.eps,
-                                self.scale, update, log)
+            out, state = _ops.sn_forward(weight, vecs[0], vecs[1], 0, n_power_iterations, self.eps, self.scale,
+                                         update, log, *variant)
+        else:
+            out, state = _ops.bsn_forward(weight, *vecs, n_power_iterations, self.eps, self.scale, update, log,
+                                          *variant)
+        return (self._output(weight, out) if variant else out), state
 
     def extra_repr(self):
         mode = "single matricization (SN, dim 0)" if self.single else "two matricizations"
-        return f"{mode}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, scale={self.scale}"
+        return (f"{mode}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, scale={self.scale}"
+                + _variant_repr(self))
+
+
+def _variant_repr(p):
+    parts = []
+    if p.coeff is not None:
+        parts.append(f"coeff={p.coeff}")
+    if p.learnable_scale:
+        parts.append("learnable_scale=True")
+    if p.track_only:
+        parts.append("track_only=True")
+    if p.n_power_iterations_eval:
+        parts.append(f"n_power_iterations_eval={p.n_power_iterations_eval}")
+    return "".join(", " + x for x in parts)
 
 
 PARAMETRIZATIONS = (SpectralNorm, BidirectionalSpectralNorm)
