@@ -36,7 +36,8 @@ __device__ void bw_dot(const BwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_
   }
 }
 
-// BW2: dW = a*G - k*D (or a*G when sigma == 0), tiles in reverse order.
+// BW2: dW = a*G - k*D (or a*G where the factor does not project: docs/design.md,
+// Variants), tiles in reverse order.
 template <typename scalar_t>
 __device__ void bw_apply(const BwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int64_t bid,
                          int64_t nblk) {
@@ -72,7 +73,7 @@ __device__ void bw_apply(const BwdArgs<scalar_t>& A, acc_t<scalar_t>* smem, int6
       if (e < E) {
         const acc gv = to_acc(A.g[e]);
         acc res;
-        if (zero) {
+        if (!proj) {  // the zero rule, or a soft bound at or below coeff
           res = mul_rn(a, gv);
         } else {
           const acc dr = has_row ? mul_rn(ur[i], vr[j * tr + r]) : acc(0);

@@ -39,6 +39,19 @@ bool check_launches(bsn::cuda::Mode mode, const bsn::cuda::LaunchCounts& c, long
 
 extern "C" void emu_set_coop_oversubscribe(int on) { g_oversubscribe = on; }
 
+// The variant arguments of the next calls (docs/design.md, Variants): coeff,
+// gamma (one acc-type element, or null) and track-only (the forward's out unused).
+namespace {
+double g_coeff = 0.0;
+const void* g_gamma = nullptr;
+bool g_track_only = false;
+}  // namespace
+extern "C" void emu_set_variant(double coeff, const void* gamma, int track_only) {
+  g_coeff = coeff;
+  g_gamma = gamma;
+  g_track_only = track_only != 0;
+}
+
 namespace {
 bsn::Matricization emu_matricize(const int64_t* shape, int ndim, int dim) {
   bsn::Matricization m;
@@ -82,6 +95,10 @@ int emu_forward(int dtype, const void* w, void* u0, void* v0, void* u1, void* v1
     p.eps = eps;
     p.scale = scale;
     p.update = update != 0;
+    p.coeff = g_coeff;
+    p.gamma = g_gamma;
+    p.track_only = g_track_only;
+    if (g_track_only) p.out = nullptr;
     bsn::cuda::DeviceInfo dev;
     dev.device = 0;
     dev.sm_count = sm_count;
@@ -132,6 +149,8 @@ int emu_backward(int dtype, const void* g, const void* w, const void* state, voi
       p.mat[0] = emu_matricize(shape, ndim, dim);
     }
     p.scale = scale;
+    p.coeff = g_coeff;
+    p.gamma = g_gamma;
     bsn::cuda::DeviceInfo dev;
     dev.sm_count = sm_count;
     dev.smem_optin = 232448;

@@ -14,6 +14,7 @@ LIB = ctypes.CDLL(os.environ.get("EMU_LIB", os.path.join(HERE, "build", "libemu.
 I64P = ctypes.POINTER(ctypes.c_int64)
 LIB.emu_forward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_int]
 LIB.emu_set_coop_oversubscribe.argtypes = [ctypes.c_int]
+LIB.emu_set_variant.argtypes = [ctypes.c_double, ctypes.c_void_p, ctypes.c_int]
 LIB.emu_backward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int]
 DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 MODES = {"auto": 0, "single": 1, "coop": 2, "multi": 3, "coop-refused": 2}
@@ -144,6 +145,57 @@ def check_offset_case(shape, bsn, dim, dt, n_iter, update, offset):
     close(base[1], rs, dt, tag + " state")
 
 
+def check_variant_case(shape, bsn, dim, dt, update, coeff, gamma_value, track_only):
+    """One variant (docs/design.md, Variants) in every launch mode against the reference."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, bsn, dim, "variant")).encode()))
+    w = torch.randn(shape, dtype=torch.float64, generator=gen).to(dt)
+    vecs = vectors(shape, bsn, dim, dt, gen)
+    gamma = None if gamma_value is None else torch.tensor([gamma_value], dtype=ACC(dt))
+    args = (coeff, gamma, track_only)
+    rvecs = [t.clone() for t in vecs]
+    if bsn:
+        ro, rs = reference.bsn_forward(w, *rvecs, 2, 1e-12, 1.3, update, *args)
+    else:
+        ro, rs = reference.sn_forward(w, *rvecs, dim, 2, 1e-12, 1.3, update, *args)
+    tag = f"variant coeff={coeff} gamma={gamma_value} track={track_only} {'bsn' if bsn else 'sn'} {shape} {dt} update={update}"
+    LIB.emu_set_variant(coeff, ptr(gamma), int(track_only))
+    try:
+        results = []
+        for mode, sm, optin in (("single", 2, 232448), ("coop", 2, 232448), ("multi", 2, 232448), ("coop-refused", 3, 232448)):
+            o, s, v, rc = emu_fwd(w, vecs, bsn, dim, 2, 1e-12, 1.3, update, mode, sm, optin)
+            results.append((o, s, v))
+        base = results[0]
+        close(base[1], rs, dt, tag + " state")
+        for a, e in zip(base[2], rvecs):
+            close(a, e, dt, tag + " vectors")
+        if not track_only:
+            close(base[0], ro, dt, tag + " out")
+        for o, s, v in results[1:]:
+            assert torch.equal(s.nan_to_num(7.0), base[1].nan_to_num(7.0)), (tag, "state differs between modes")
+            if not track_only:
+                assert torch.equal(o.nan_to_num(7.0), base[0].nan_to_num(7.0)), (tag, "out differs between modes")
+        if track_only:
+            return
+        g = torch.randn(shape, dtype=torch.float64, generator=gen).to(dt)
+        state = base[1]
+        gws = [emu_bwd(g, w, state, bsn, dim, 1.3, m, sm)[0] for m, sm in (("single", 2), ("coop", 3), ("multi", 2), ("coop-refused", 2))]
+        for x in gws[1:]:
+            assert torch.equal(x.nan_to_num(7.0), gws[0].nan_to_num(7.0)), (tag, "backward differs between modes")
+        if bsn:
+            ref_g = reference.bsn_backward(g, w, state, 1.3, coeff, gamma)
+        else:
+            ref_g = reference.sn_backward(g, w, state, dim, 1.3, coeff, gamma)
+        close(gws[0], ref_g, dt, tag + " grad", g.double().abs().max().item() * 1.3 * (gamma_value or 1.0))
+    finally:
+        LIB.emu_set_variant(0.0, None, 0)
+
+
+VARIANT_SHAPES = [((17, 33), False, 0), ((4, 3, 3, 3), False, 1), ((64, 27), False, 0), ((4, 3, 3, 3), True, 0),
+                  ((6, 5, 2), True, 0)]
+# (coeff, gamma, track_only): a bound that projects (sigma of these weights is ~3-10),
+# one that does not, the learnable scale, both, and track-only.
+VARIANTS = [(0.5, None, False), (100.0, None, False), (0.0, 1.7, False), (0.5, 0.8, False), (0.0, None, True)]
+
 SN = [((1, 1), 0), ((3, 5), 0), ((5, 3), 1), ((17, 33), -1), ((1, 100), 0), ((100, 1), 0), ((64, 27), 0), ((4, 3, 3, 3), 0),
       ((4, 3, 3, 3), 1), ((4, 3, 3, 3), -1), ((6, 5, 1, 1), 0), ((7, 3, 5), 1), ((3, 4, 5, 6), 2), ((2, 3, 4, 3, 2), 3),
       ((33, 65), 0), ((33, 65), 1), ((1000, 3), 0), ((1000, 3), 1), ((7, 5, 3, 3), 1), ((3, 5, 1, 1), 1), ((20, 300), 0),
@@ -151,6 +203,21 @@ SN = [((1, 1), 0), ((3, 5), 0), ((5, 3), 1), ((17, 33), -1), ((1, 100), 0), ((10
       ((9, 700, 3), 1)]
 BSN = [(1, 1, 3), (4, 3, 3, 3), (6, 5, 2), (3, 7, 3, 3), (5, 4, 1, 1), (2, 3, 4, 5, 3), (16, 8, 5, 5), (7, 5, 3, 3), (3, 5, 1, 1),
        (5, 2, 64), (3, 2, 300), (30, 40, 3), (3, 400, 3), (40, 3, 9)]
+
+def run_variants(dts, verbose):
+    t0 = time.time()
+    count = 0
+    for dt in dts:
+        for shape, bsn, dim in VARIANT_SHAPES:
+            for coeff, gamma, track in VARIANTS:
+                for update in (True, False):
+                    check_variant_case(shape, bsn, dim, dt, update, coeff, gamma, track)
+                    count += 1
+                    if verbose:
+                        print(" ", dt, shape, bsn, coeff, gamma, track, update, f"{time.time() - t0:.0f}s", flush=True)
+        print(dt, "variants ok", count, f"{time.time() - t0:.0f}s", flush=True)
+    print("ALL OK", count)
+
 
 if __name__ == "__main__":
     # --quick: float32, 12 shapes; --dtypes float64,bfloat16; --every K: every K-th shape
@@ -165,6 +232,9 @@ if __name__ == "__main__":
     SN, BSN = SN[::every], BSN[::every]
     if "--bsn-only" in sys.argv:
         SN = []
+    if "--variants" in sys.argv:  # only the variant cases (issue 23)
+        run_variants(dts, verbose)
+        sys.exit(0)
     t0 = time.time()
     count = 0
     for dt in dts:
