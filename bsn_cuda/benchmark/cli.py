@@ -18,7 +18,7 @@ from .plot import plot
 from .readme import markdown_into
 from .report import (FALLBACK_WARNING, disturbed, e2e_table, env_text, host_table, load_note, print_goals_and_summary,
                      suite_tables, to_markdown)
-from .suites import (ALL_SUITES, DEFAULT_IMPLS, DTYPES, E2E, FUSED, IMPLS, MODES, QUICK_IMPLS, QUICK_SUITES, SUITES,
+from .suites import (ALL_SUITES, VARIANT_SUITES, DEFAULT_IMPLS, DTYPES, E2E, FUSED, IMPLS, MODES, QUICK_IMPLS, QUICK_SUITES, SUITES,
                      merge_layers)
 from .summary import judge_goals, summarize
 from .timing import CONTENTION_LIMIT, CONTENTION_RETRIES, Budget, WaitBudget, contention, cpu_ticks, wait_for_quiet
@@ -172,7 +172,7 @@ def run(args):
     if args.malloc_tune and malloc is None:
         print("--malloc-tune: not a glibc system, allocator left as it is", flush=True)
     devices = _devices(args.device)
-    suites = _parse_list(args.suite, ALL_SUITES, "suite") if args.suite else (
+    suites = _parse_list(args.suite, ALL_SUITES + list(VARIANT_SUITES), "suite") if args.suite else (
         QUICK_SUITES if args.quick else list(ALL_SUITES))
     modes = _parse_list(args.mode, MODES, "mode")
     impls = _parse_list(args.impls, IMPLS, "implementation") if args.impls else (

@@ -161,6 +161,74 @@ def register_reference_bsn(module, ops=False):
     return module
 
 
+# --------------------------------------------------------------------------
+# The variants' peers: each published formula in plain torch, as its authors'
+# code computes it (torch's power iteration under no_grad, then the formula).
+# --------------------------------------------------------------------------
+
+class _PeerBase(nn.Module):
+    def __init__(self, weight, eps=1e-12):
+        super().__init__()
+        self.eps = eps
+        w = weight.detach().reshape(weight.shape[0], -1)
+        with torch.no_grad():
+            self.register_buffer("_u", nn.functional.normalize(w.new_empty(w.shape[0]).normal_(0, 1), dim=0, eps=eps))
+            self.register_buffer("_v", nn.functional.normalize(w.new_empty(w.shape[1]).normal_(0, 1), dim=0, eps=eps))
+            for _ in range(15):
+                self._iterate(w)
+
+    @torch.no_grad()
+    def _iterate(self, w):
+        self._u.copy_(nn.functional.normalize(torch.mv(w, self._v), dim=0, eps=self.eps))
+        self._v.copy_(nn.functional.normalize(torch.mv(w.t(), self._u), dim=0, eps=self.eps))
+
+    def _sigma(self, weight):
+        w = weight.reshape(weight.shape[0], -1)
+        if self.training:
+            self._iterate(w.detach())
+        return torch.dot(self._u.clone(), torch.mv(w, self._v.clone()))
+
+
+class PeerSoftBound(_PeerBase):
+    """DUE / SNGP: ``W / max(1, sigma / coeff)``."""
+
+    def __init__(self, weight, coeff):
+        super().__init__(weight)
+        self.coeff = coeff
+
+    def forward(self, weight):
+        sigma = self._sigma(weight)
+        return weight / torch.max(torch.ones_like(sigma), sigma / self.coeff)
+
+
+class PeerLearnableScale(_PeerBase):
+    """sigmaReparam: ``gamma / sigma * W``, sigma in float32, gamma initialized to sigma."""
+
+    def __init__(self, weight):
+        super().__init__(weight.float())
+        self.gamma = nn.Parameter(self._sigma(weight.detach().float()).detach().clone())
+
+    def forward(self, weight):
+        sigma = self._sigma(weight.float())
+        return (self.gamma / sigma * weight.float()).to(weight.dtype)
+
+
+class PeerTrackOnly(_PeerBase):
+    """A logging power iteration (BigGAN's ``sv`` buffers): sigma stored, W unchanged."""
+
+    def __init__(self, weight):
+        super().__init__(weight)
+        self.register_buffer("sigma", torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+    def forward(self, weight):
+        with torch.no_grad():
+            self.sigma.copy_(self._sigma(weight.detach()))
+        return weight
+
+
+SOFT_COEFF = 1.0  # the benchmark's soft bound (SNGP's range is about 0.95 to 3)
+
+
 class Unsupported(Exception):
     """A case that cannot run here (not an error of the implementation)."""
 
@@ -224,6 +292,17 @@ def make_impl(impl, base):
             bsn_package().nn.utils.spectral_norm(m)
             hook = _legacy_hook(m)
             fn = run_legacy_hook
+        elif impl in ("peer_soft", "peer_scale", "peer_track"):
+            w = m.weight.detach()
+            peer = {"peer_soft": lambda: PeerSoftBound(w, SOFT_COEFF), "peer_scale": lambda: PeerLearnableScale(w),
+                    "peer_track": lambda: PeerTrackOnly(w)}[impl]()
+            torch.nn.utils.parametrize.register_parametrization(m, "weight", peer)
+        elif impl == "fused_soft":
+            bsn_package().spectral_norm(m, coeff=SOFT_COEFF)
+        elif impl == "fused_scale":
+            bsn_package().spectral_norm(m, learnable_scale=True)
+        elif impl == "fused_track":
+            bsn_package().spectral_norm(m, track_only=True)
         elif impl == "fused_bsn":
             bsn = bsn_package()
             try:

@@ -8,7 +8,7 @@ import torch
 __all__ = [
     "SUITES", "E2E", "ALL_SUITES", "QUICK_SUITES", "IMPLS", "IMPL_TITLES", "FUSED", "MODES",
     "DEFAULT_IMPLS", "QUICK_IMPLS", "DTYPES", "COMPARISONS", "BSN_RATIO", "GOALS",
-    "bsn_effective", "merge_layers",
+    "bsn_effective", "merge_layers", "VARIANT_SUITES", "VARIANT_IMPLS", "VARIANT_COMPARISONS",
 ]
 
 # --------------------------------------------------------------------------
@@ -81,8 +81,43 @@ SUITES = {
         ],
     },
 }
+# The variants' own layers (issue 23), measured only on request (--suite):
+# soft bound on a BERT-base's Linears (SNGP/DUE) and WRN-28-10's 3x3 convs,
+# learnable scale on a ViT-S's Linears (sigmaReparam).
+VARIANT_SUITES = {
+    "bert_linear": {
+        "title": "BERT-base, every Linear (12 layers: q, k, v, o, FFN in/out; pooler)",
+        "layers": [
+            ("attn.qkvo", "linear", (768, 768), 48),
+            ("ffn.in", "linear", (3072, 768), 12),
+            ("ffn.out", "linear", (768, 3072), 12),
+            ("pooler", "linear", (768, 768), 1),
+        ],
+    },
+    "vit_s_linear": {
+        "title": "ViT-S/16, every block Linear (12 blocks)",
+        "layers": [
+            ("attn.qkv", "linear", (1152, 384), 12),
+            ("attn.proj", "linear", (384, 384), 12),
+            ("mlp.fc1", "linear", (1536, 384), 12),
+            ("mlp.fc2", "linear", (384, 1536), 12),
+        ],
+    },
+    "wrn_conv": {
+        "title": "WRN-28-10 3x3 convolutions",
+        "layers": [
+            ("g1.first", "conv", (160, 16, 3, 3), 1),
+            ("g1", "conv", (160, 160, 3, 3), 7),
+            ("g2.first", "conv", (320, 160, 3, 3), 1),
+            ("g2", "conv", (320, 320, 3, 3), 7),
+            ("g3.first", "conv", (640, 320, 3, 3), 1),
+            ("g3", "conv", (640, 640, 3, 3), 7),
+        ],
+    },
+}
+SUITES.update(VARIANT_SUITES)
 E2E = "e2e"
-ALL_SUITES = list(SUITES) + [E2E]
+ALL_SUITES = [s for s in SUITES if s not in VARIANT_SUITES] + [E2E]
 QUICK_SUITES = ["sngan_cnn", E2E]
 
 IMPLS = ["torch_sn", "torch_legacy", "torch_compiled", "torch_bsn", "ref_bsn", "fused_sn", "fused_legacy", "fused_bsn"]
@@ -96,12 +131,30 @@ IMPL_TITLES = {
     "fused_legacy": "fused legacy SN",
     "fused_bsn": "fused BSN",
 }
-FUSED = ("fused_sn", "fused_legacy", "fused_bsn")
+# Each variant against its peer formula in plain torch (bsn_cuda/benchmark/impls.py):
+# soft bound (DUE's formula), learnable scale (sigmaReparam's), track-only (a
+# logging power iteration as BigGAN's). Only on request (--impls).
+VARIANT_IMPLS = ["peer_soft", "fused_soft", "peer_scale", "fused_scale", "peer_track", "fused_track"]
+IMPLS += VARIANT_IMPLS
+IMPL_TITLES.update({
+    "peer_soft": "DUE soft bound (torch)",
+    "fused_soft": "fused soft bound",
+    "peer_scale": "sigmaReparam (torch)",
+    "fused_scale": "fused learnable scale",
+    "peer_track": "track-only (torch)",
+    "fused_track": "fused track-only",
+})
+VARIANT_COMPARISONS = [
+    ("soft_vs_peer", "peer_soft", "fused_soft", "fused soft bound vs DUE's formula"),
+    ("scale_vs_peer", "peer_scale", "fused_scale", "fused learnable scale vs sigmaReparam's"),
+    ("track_vs_peer", "peer_track", "fused_track", "fused track-only vs torch's"),
+]
+FUSED = ("fused_sn", "fused_legacy", "fused_bsn", "fused_soft", "fused_scale", "fused_track")
 MODES = ["train", "eval", "fwd_bwd"]
 # ref_bsn (bsn_cuda.reference's ops as a parametrization, with their bookkeeping:
 # checks, state snapshot, accept rule) only on request; torch_bsn is the lean
 # plain-PyTorch BSN a user would write and the baseline of the BSN speedup.
-DEFAULT_IMPLS = [i for i in IMPLS if i != "ref_bsn"]
+DEFAULT_IMPLS = [i for i in IMPLS if i != "ref_bsn" and i not in VARIANT_IMPLS]
 # Compile cases are slow to set up (seconds each on a small CPU): not in --quick.
 QUICK_IMPLS = [i for i in DEFAULT_IMPLS if i != "torch_compiled"]
 
