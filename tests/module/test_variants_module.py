@@ -39,26 +39,24 @@ def due_soft_bound(weight, u, v, coeff, n_power_iterations=1, eps=1e-12, trainin
     return weight / torch.max(torch.ones_like(sigma), sigma / coeff)
 
 
-def u_first_soft_bound(weight, u, v, coeff, training=True, eps=1e-12):
-    """The same bound with torch's parametrization order (u = W v first)."""
+def u_first_sigma(weight, u, v, training=True, eps=1e-12):
+    """torch's parametrization order (u = normalize(W v), then v), then sigma = u^T W v."""
     w_mat = weight.reshape(weight.shape[0], -1)
     if training:
         with torch.no_grad():
             u.copy_(F.normalize(w_mat @ v, dim=0, eps=eps))
             v.copy_(F.normalize(w_mat.t() @ u, dim=0, eps=eps))
-    sigma = torch.dot(u, w_mat @ v)
-    return weight / torch.clamp(sigma / coeff, min=1.0)
+    return torch.dot(u, w_mat @ v)
 
 
-def sigma_reparam(weight, u, v, gamma, training=True, eps=1e-12):
+def u_first_soft_bound(weight, u, v, coeff, training=True):
+    """The soft bound with torch's parametrization order."""
+    return weight / torch.clamp(u_first_sigma(weight, u, v, training) / coeff, min=1.0)
+
+
+def sigma_reparam(weight, u, v, gamma, training=True):
     """sigmaReparam: W_hat = gamma / sigma(W) * W, sigma by one power iteration."""
-    w_mat = weight.reshape(weight.shape[0], -1)
-    if training:
-        with torch.no_grad():
-            u.copy_(F.normalize(w_mat @ v, dim=0, eps=eps))
-            v.copy_(F.normalize(w_mat.t() @ u, dim=0, eps=eps))
-    sigma = torch.dot(u, w_mat @ v)
-    return gamma / sigma * weight
+    return gamma / u_first_sigma(weight, u, v, training) * weight
 
 
 # -- soft bound ----------------------------------------------------------------

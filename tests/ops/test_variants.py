@@ -133,10 +133,13 @@ def test_gradcheck_float64(kind, shape, dim, coeff, gamma_value):
     gamma = None if gamma_value is None else torch.tensor(gamma_value, dtype=torch.float64, requires_grad=True)
     # Eval (u, v fixed): the function of W the backward differentiates.
     f = _entry(kind, dim, vectors, False, coeff)
-    assert torch.autograd.gradcheck(lambda w, *g: f(w, g[0] if g else None), (weight,) + (() if gamma is None else (gamma,)))
-    assert torch.autograd.gradgradcheck(
-        lambda w, *g: f(w, g[0] if g else None), (weight,) + (() if gamma is None else (gamma,))
-    )
+    inputs = (weight,) if gamma is None else (weight, gamma)
+
+    def fn(w, *g):
+        return f(w, g[0] if g else None)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
 
 
 @requires_ops
