@@ -34,7 +34,8 @@ from torch.nn.utils import parametrize
 from .conv_sn import ConvSpectralNorm, conv_operator_norm
 from .nn import BidirectionalSpectralNorm, SpectralNorm
 
-__all__ = ["LayerReport", "probe", "layer_kind", "to_markdown", "exact_sigma", "top_singular_values", "TopSingularValues"]
+__all__ = ["LayerReport", "probe", "layer_kind", "to_markdown", "exact_sigma", "top_singular_values",
+           "TopSingularValues"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 _CONVS = _LAYERS[:-1]

@@ -129,7 +129,8 @@ def main():
                      f"| {b['loss']:.3f} | {b['test_token_accuracy']:.3f} | {b['attention_entropy']:.3f} |")
     lines.append("")
     lines.append(f"training time: plain {runs['plain']['seconds']:.1f} s, "
-                 f"sigmaReparam {runs['sigma_reparam']['seconds']:.1f} s (uniform entropy: {math.log(LENGTH):.3f} nats)")
+                 f"sigmaReparam {runs['sigma_reparam']['seconds']:.1f} s "
+                 f"(uniform entropy: {math.log(LENGTH):.3f} nats)")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -18,8 +18,8 @@ from .plot import plot
 from .readme import markdown_into
 from .report import (FALLBACK_WARNING, disturbed, e2e_table, env_text, host_table, load_note, print_goals_and_summary,
                      suite_tables, to_markdown)
-from .suites import (ALL_SUITES, VARIANT_SUITES, DEFAULT_IMPLS, DTYPES, E2E, FUSED, IMPLS, MODES, QUICK_IMPLS, QUICK_SUITES, SUITES,
-                     merge_layers)
+from .suites import (ALL_SUITES, DEFAULT_IMPLS, DTYPES, E2E, FUSED, IMPLS, MODES, QUICK_IMPLS, QUICK_SUITES, SUITES,
+                     VARIANT_SUITES, merge_layers)
 from .summary import judge_goals, summarize
 from .timing import CONTENTION_LIMIT, CONTENTION_RETRIES, Budget, WaitBudget, contention, cpu_ticks, wait_for_quiet
 
