@@ -47,7 +47,8 @@ from .impls import make_layer
 from .suites import SUITES
 from .timing import Budget, time_cpu_interleaved, warm_up_cpu
 
-__all__ = ["MODEL_SUITES", "IMPLS", "build_model", "run_model_steps", "kernel_floor", "model_step_table"]
+__all__ = ["MODEL_SUITES", "IMPLS", "build_model", "run_model_steps", "kernel_floor", "model_step_table",
+           "model_step_grouped_table"]
 
 
 def _bert_layers():
@@ -212,6 +213,23 @@ def model_step_table(records):
     lines = ["| suite | layers | forwards | no SN | identity | torch SN | torch legacy | fused SN | fused legacy "
              "| kernel floor | SN cost: torch / fused | fused cost / floor | fused - identity per layer |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for suite in dict.fromkeys(r["suite"] for r in records):
+        n_layers = sum(count for *_, count in MODEL_SUITES[suite])
+        for k in sorted({r["forwards"] for r in records if r["suite"] == suite}):
+            us = {impl: idx.get((suite, k, impl), float("nan")) * 1e6 for impl in IMPLS + ["kernel_floor"]}
+            cost = {impl: us[impl] - us["no_sn"] for impl in IMPLS}
+            lines.append(
+                f"| {suite} | {n_layers} | {k} | {us['no_sn']:.0f} | {us['identity']:.0f} | {us['torch_sn']:.0f} | "
+                f"{us['torch_legacy']:.0f} | {us['fused_sn']:.0f} | {us['fused_legacy']:.0f} | "
+                f"{us['kernel_floor']:.0f} | {cost['torch_sn'] / cost['fused_sn']:.2f}x | "
+                f"{cost['fused_sn'] / us['kernel_floor']:.2f} | "
+                f"{(us['fused_sn'] - us['identity']) / n_layers:.1f} µs |")
+    return "\n".join(lines)
+
+
+def model_step_grouped_table(records):
+    """Markdown: the grouped rows per suite and forward count (SN cost = step - no_sn)."""
+    idx = {(r["suite"], r["forwards"], r["impl"]): r["median_s"] for r in records}
     grouped = ["| suite | forwards | compiled torch SN | grouped forward | grouped once | grouped never "
                "| SN cost: torch / grouped | grouped cost / floor | once / forward (SN cost) "
                "| grouped - identity per layer |",
@@ -229,13 +247,7 @@ def model_step_table(records):
                 f"{cost['grouped_forward'] / us['kernel_floor']:.2f} | "
                 f"{cost['grouped_once'] / cost['grouped_forward']:.2f} | "
                 f"{(us['grouped_forward'] - us['identity']) / n_layers:.1f} µs |")
-            lines.append(
-                f"| {suite} | {n_layers} | {k} | {us['no_sn']:.0f} | {us['identity']:.0f} | {us['torch_sn']:.0f} | "
-                f"{us['torch_legacy']:.0f} | {us['fused_sn']:.0f} | {us['fused_legacy']:.0f} | "
-                f"{us['kernel_floor']:.0f} | {cost['torch_sn'] / cost['fused_sn']:.2f}x | "
-                f"{cost['fused_sn'] / us['kernel_floor']:.2f} | "
-                f"{(us['fused_sn'] - us['identity']) / n_layers:.1f} µs |")
-    return "\n".join(lines) + "\n\n" + "\n".join(grouped)
+    return "\n".join(grouped)
 
 
 def main(argv=None):
@@ -254,6 +266,8 @@ def main(argv=None):
     records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
     print(f"\n== SN cost per training step, µs (median), {args.threads} thread(s), torch {torch.__version__} ==")
     print(model_step_table(records))
+    print()
+    print(model_step_grouped_table(records))
 
 
 if __name__ == "__main__":
