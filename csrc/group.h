@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/List.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <tuple>
 #include <vector>
@@ -54,5 +55,14 @@ PreparedGroupBackward prepare_group_backward(at::TensorList grad_outs, at::Tenso
                                              at::IntArrayRef dims, at::ArrayRef<double> scales);
 
 using GroupForwardResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// bsn_cuda::group_forward's typed dispatcher handle (group_autograd.cpp), for
+// the callers that go through the dispatcher: the autograd node and the eager
+// entry point (group_python.cpp).
+using GroupForwardSignature = GroupForwardResult(at::TensorList, at::TensorList, at::IntArrayRef,
+                                                 at::IntArrayRef, at::IntArrayRef, at::ArrayRef<double>,
+                                                 at::ArrayRef<double>, const c10::List<bool>&);
+using GroupForwardOp = c10::TypedOperatorHandle<GroupForwardSignature>;
+const GroupForwardOp& group_forward_op();
 
 }  // namespace bsn

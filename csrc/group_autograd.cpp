@@ -15,6 +15,14 @@
 #include "group.h"
 
 namespace bsn {
+
+const GroupForwardOp& group_forward_op() {
+  static const GroupForwardOp op = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("bsn_cuda::group_forward", "")
+                                       .typed<GroupForwardSignature>();
+  return op;
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -31,14 +39,8 @@ struct GroupArgs {
 };
 
 GroupForwardResult call_group_forward(at::TensorList weights, const GroupArgs& a) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bsn_cuda::group_forward", "")
-                       .typed<GroupForwardResult(at::TensorList, at::TensorList, at::IntArrayRef,
-                                                 at::IntArrayRef, at::IntArrayRef,
-                                                 at::ArrayRef<double>, at::ArrayRef<double>,
-                                                 const c10::List<bool>&)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(weights, a.vectors, a.kinds, a.dims, a.n_power_iterations, a.eps, a.scales,
+  return group_forward_op().call(weights, a.vectors, a.kinds, a.dims, a.n_power_iterations, a.eps, a.scales,
                  *a.update);
 }
 

@@ -6,7 +6,6 @@
 // Tensor subclass, an active torch function mode or unexpected Python types.
 #include <Python.h>
 
-#include <ATen/Dispatch.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
@@ -15,6 +14,7 @@
 #include <vector>
 
 #include "group.h"
+#include "python_args.h"
 
 namespace bsn {
 namespace {
@@ -42,46 +42,6 @@ bool values_of(PyObject* list, std::vector<T>& out, const Convert& convert) {
     out.push_back(value);
   }
   return true;
-}
-
-bool as_int(PyObject* obj, int64_t& out) {
-  if (!PyLong_CheckExact(obj)) return false;
-  out = PyLong_AsLongLong(obj);
-  if (out == -1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    return false;
-  }
-  return true;
-}
-
-bool as_double(PyObject* obj, double& out) {
-  if (!PyFloat_CheckExact(obj)) return false;
-  out = PyFloat_AS_DOUBLE(obj);
-  return true;
-}
-
-bool as_bool(PyObject* obj, bool& out) {
-  if (!PyBool_Check(obj)) return false;
-  out = obj == Py_True;
-  return true;
-}
-
-// log[:] = state[:header] broadcast over the log's length (a BSN log of an SN-kind layer).
-void write_sigmas(at::Tensor& log, const at::Tensor& state, int64_t header) {
-  const int64_t n = log.numel();
-  if (log.is_cpu() && state.is_cpu() && log.scalar_type() == state.scalar_type() &&
-      log.is_contiguous() && n <= 3 && (state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble)) {
-    AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "bsn_cuda: group sigma log", [&] {
-      const scalar_t* src = state.const_data_ptr<scalar_t>();
-      scalar_t* dst = log.mutable_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < n; ++i) dst[i] = src[i < header ? i : header - 1];
-    });
-    if (!log.is_inference()) log.unsafeGetTensorImpl()->bump_version();
-  } else if (n == header) {
-    log.copy_(state.narrow(0, 0, header));
-  } else {
-    log.copy_(state.narrow(0, 0, 1).expand({n}));
-  }
 }
 
 PyObject* wrap_list(std::vector<at::Tensor>&& tensors) {
@@ -114,9 +74,9 @@ PyObject* fast_group_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize
   std::vector<double> eps, scales;
   std::vector<bool> update_flags;
   if (!tensors_of(args[0], weights) || !tensors_of(args[1], vectors) ||
-      !values_of(args[2], kinds, as_int) || !values_of(args[3], dims, as_int) ||
-      !values_of(args[4], iters, as_int) || !values_of(args[5], eps, as_double) ||
-      !values_of(args[6], scales, as_double) || !values_of(args[7], update_flags, as_bool)) {
+      !values_of(args[2], kinds, py::to_int) || !values_of(args[3], dims, py::to_int) ||
+      !values_of(args[4], iters, py::to_int) || !values_of(args[5], eps, py::to_double) ||
+      !values_of(args[6], scales, py::to_double) || !values_of(args[7], update_flags, py::to_bool)) {
     Py_RETURN_NONE;
   }
   std::vector<at::Tensor> logs;
@@ -139,20 +99,14 @@ PyObject* fast_group_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize
   c10::List<bool> update;
   update.reserve(update_flags.size());
   for (bool b : update_flags) update.push_back(b);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bsn_cuda::group_forward", "")
-                       .typed<GroupForwardResult(at::TensorList, at::TensorList, at::IntArrayRef,
-                                                 at::IntArrayRef, at::IntArrayRef,
-                                                 at::ArrayRef<double>, at::ArrayRef<double>,
-                                                 const c10::List<bool>&)>();
   GroupForwardResult result;
   {
     PyThreadState* saved = PyEval_SaveThread();
     try {
-      result = op.call(weights, vectors, kinds, dims, iters, eps, scales, update);
+      result = group_forward_op().call(weights, vectors, kinds, dims, iters, eps, scales, update);
       const auto& states = std::get<1>(result);
       for (size_t i = 0; i < logs.size() && i < states.size(); ++i) {
-        if (logs[i].defined()) write_sigmas(logs[i], states[i], kinds[i] == kGroupBSN ? 3 : 1);
+        if (logs[i].defined()) py::write_log(logs[i], states[i], kinds[i] == kGroupBSN ? 3 : 1);
       }
     } catch (...) {
       PyEval_RestoreThread(saved);

@@ -14,6 +14,7 @@
 #include <Python.h>
 
 #include "autograd.h"
+#include "python_args.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -26,7 +27,28 @@
 #include <tuple>
 
 namespace bsn {
+
+void py::write_log(at::Tensor& log, const at::Tensor& state, int64_t header) {
+  const int64_t n = log.numel();
+  if (log.device().is_cpu() && state.device().is_cpu() && log.scalar_type() == state.scalar_type() &&
+      log.is_contiguous() && n <= 3) {
+    AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "bsn_cuda: sigma log", [&] {
+      const scalar_t* src = state.const_data_ptr<scalar_t>();
+      scalar_t* dst = log.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = src[std::min(i, header - 1)];
+    });
+    if (!log.is_inference()) log.unsafeGetTensorImpl()->bump_version();
+  } else {
+    log.copy_(state.narrow(0, 0, header));
+  }
+}
+
 namespace {
+
+using py::to_bool;
+using py::to_double;
+using py::to_int;
+using py::write_log;
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
 
@@ -52,52 +74,6 @@ bool has_kernel(const at::Tensor& weight) {
 #else
   return type == c10::DeviceType::CPU;
 #endif
-}
-
-// log[i] = state[min(i, header - 1)]: the sigmas of the state's header, with a
-// one-sigma header broadcast (BSN's log of a single-matricization weight).
-void write_log(at::Tensor& log, const at::Tensor& state, int64_t header) {
-  const int64_t n = log.numel();
-  if (log.device().is_cpu() && state.device().is_cpu() && log.scalar_type() == state.scalar_type() &&
-      log.is_contiguous() && n <= 3) {
-    AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "bsn_cuda: sigma log", [&] {
-      const scalar_t* src = state.const_data_ptr<scalar_t>();
-      scalar_t* dst = log.mutable_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < n; ++i) dst[i] = src[std::min(i, header - 1)];
-    });
-    if (!log.is_inference()) log.unsafeGetTensorImpl()->bump_version();
-  } else {
-    log.copy_(state.narrow(0, 0, header));
-  }
-}
-
-// Python ints/floats/bools of the scalar arguments; false (no exception set)
-// when one has another type, so that the caller takes the general path.
-bool to_int(PyObject* obj, int64_t& out) {
-  if (!PyLong_CheckExact(obj)) return false;
-  out = PyLong_AsLongLong(obj);
-  if (out == -1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    return false;
-  }
-  return true;
-}
-
-bool to_double(PyObject* obj, double& out) {
-  if (PyFloat_CheckExact(obj)) {
-    out = PyFloat_AS_DOUBLE(obj);
-    return true;
-  }
-  int64_t i = 0;
-  if (!to_int(obj, i)) return false;
-  out = static_cast<double>(i);
-  return true;
-}
-
-bool to_bool(PyObject* obj, bool& out) {
-  if (!PyBool_Check(obj)) return false;
-  out = obj == Py_True;
-  return true;
 }
 
 // The variant arguments (coeff, gamma, track_only) after the log, when given;
