@@ -23,4 +23,14 @@ TORCH_LIBRARY(bsn_cuda, m) {
       "bsn_backward(Tensor grad_out, Tensor weight, Tensor state, float scale, "
       "float coeff=0., Tensor? gamma=None) -> Tensor",
       tags);
+  // Grouped ops (csrc/group.h, docs/design.md "Grouped ops").
+  m.def(
+      "group_forward(Tensor[] weights, Tensor(a!)[] vectors, int[] kinds, int[] dims, "
+      "int[] n_power_iterations, float[] eps, float[] scales, bool[] update) "
+      "-> (Tensor[], Tensor[])",
+      tags);
+  m.def(
+      "group_backward(Tensor[] grad_outs, Tensor[] weights, Tensor[] states, int[] kinds, "
+      "int[] dims, float[] scales) -> Tensor[]",
+      tags);
 }

@@ -263,6 +263,11 @@ PyObject* fast_sn_forward_transposed(PyObject* /*self*/, PyObject* const* args, 
   END_HANDLE_TH_ERRORS
 }
 
+}  // namespace
+// csrc/group_python.cpp
+PyObject* fast_group_forward(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+namespace {
+
 PyMethodDef methods[] = {
     {"sn_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_sn_forward)),
      METH_FASTCALL, "Eager entry point of bsn_cuda::sn_forward (see csrc/python_api.cpp)."},
@@ -271,6 +276,8 @@ PyMethodDef methods[] = {
     {"sn_forward_transposed",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_sn_forward_transposed)),
      METH_FASTCALL, "bsn_cuda::sn_forward in torch's legacy (v-first) order (see csrc/autograd.h)."},
+    {"group_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_group_forward)),
+     METH_FASTCALL, "Eager entry point of bsn_cuda::group_forward (see csrc/group_python.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

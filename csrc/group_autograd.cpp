@@ -1,0 +1,149 @@
+// TORCH_LIBRARY_IMPL(bsn_cuda, Autograd): autograd of bsn_cuda::group_forward.
+//
+// One graph node for every layer of the group (C++, as the per-layer forwards'
+// nodes in autograd.cpp, for the same reason: it runs on every forward). Its
+// backward makes one bsn_cuda::group_backward call for the layers whose output
+// received a gradient and whose weight needs one; group_backward's own
+// autograd (double backward) is registered in bsn_cuda/_ops.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <utility>
+#include <vector>
+
+#include "group.h"
+
+namespace bsn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr const char* kOp = "bsn_cuda::group_forward";
+
+// The non-tensor arguments, handed to the node's forward in one piece.
+struct GroupArgs {
+  at::TensorList vectors;
+  at::IntArrayRef kinds, dims, n_power_iterations;
+  at::ArrayRef<double> eps, scales;
+  const c10::List<bool>* update;
+};
+
+GroupForwardResult call_group_forward(at::TensorList weights, const GroupArgs& a) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bsn_cuda::group_forward", "")
+                       .typed<GroupForwardResult(at::TensorList, at::TensorList, at::IntArrayRef,
+                                                 at::IntArrayRef, at::IntArrayRef,
+                                                 at::ArrayRef<double>, at::ArrayRef<double>,
+                                                 const c10::List<bool>&)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(weights, a.vectors, a.kinds, a.dims, a.n_power_iterations, a.eps, a.scales,
+                 *a.update);
+}
+
+std::vector<at::Tensor> call_group_backward(at::TensorList grad_outs, at::TensorList weights,
+                                            at::TensorList states, at::IntArrayRef kinds,
+                                            at::IntArrayRef dims, at::ArrayRef<double> scales) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bsn_cuda::group_backward", "")
+                       .typed<std::vector<at::Tensor>(at::TensorList, at::TensorList,
+                                                      at::TensorList, at::IntArrayRef,
+                                                      at::IntArrayRef, at::ArrayRef<double>)>();
+  // Its autograd (a Python kernel) only when the backward records a graph.
+  if (at::GradMode::is_enabled()) return op.call(grad_outs, weights, states, kinds, dims, scales);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(grad_outs, weights, states, kinds, dims, scales);
+}
+
+class GroupForward : public torch::autograd::Function<GroupForward> {
+ public:
+  // Compiled autograd may trace the backward: it only calls dispatcher ops.
+  static constexpr bool is_traceable = true;
+
+  static variable_list forward(AutogradContext* ctx, at::TensorList weights, const GroupArgs* args,
+                               std::vector<at::Tensor>* states_out) {
+    auto [outs, states] = call_group_forward(weights, *args);
+    variable_list saved(weights.begin(), weights.end());
+    saved.insert(saved.end(), states.begin(), states.end());
+    ctx->save_for_backward(saved);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["kinds"] = args->kinds.vec();
+    ctx->saved_data["dims"] = args->dims.vec();
+    ctx->saved_data["scales"] = args->scales.vec();
+    // A layer whose weight needs no gradient gets an output without one, as per layer.
+    variable_list frozen;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      if (!weights[i].requires_grad()) frozen.push_back(outs[i]);
+    }
+    if (!frozen.empty()) ctx->mark_non_differentiable(frozen);
+    *states_out = std::move(states);
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const size_t n = saved.size() / 2;
+    const std::vector<int64_t> kinds = ctx->saved_data["kinds"].toIntVector();
+    const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
+    const std::vector<double> scales = ctx->saved_data["scales"].toDoubleVector();
+    std::vector<size_t> index;
+    std::vector<at::Tensor> g, w, s;
+    std::vector<int64_t> k, d;
+    std::vector<double> sc;
+    for (size_t i = 0; i < n; ++i) {
+      if (i >= grads.size() || !grads[i].defined() || !ctx->needs_input_grad(i)) continue;
+      index.push_back(i);
+      g.push_back(grads[i]);
+      w.push_back(saved[i]);
+      s.push_back(saved[n + i]);
+      k.push_back(kinds[i]);
+      d.push_back(dims[i]);
+      sc.push_back(scales[i]);
+    }
+    variable_list result(n + 2);  // + the two non-tensor arguments of forward
+    if (index.empty()) return result;
+    std::vector<at::Tensor> grad_weights = call_group_backward(g, w, s, k, d, sc);
+    for (size_t j = 0; j < index.size(); ++j) result[index[j]] = std::move(grad_weights[j]);
+    return result;
+  }
+};
+
+GroupForwardResult group_forward_autograd(at::TensorList weights, at::TensorList vectors,
+                                          at::IntArrayRef kinds, at::IntArrayRef dims,
+                                          at::IntArrayRef n_power_iterations,
+                                          at::ArrayRef<double> eps, at::ArrayRef<double> scales,
+                                          const c10::List<bool>& update) {
+  bool records = false;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& weight = weights[i];
+    TORCH_CHECK(weight.defined(), kOp, ": expected weights[", i, "] to be a tensor, got None");
+    TORCH_CHECK(!weight._fw_grad(/*level=*/0).defined(), kOp, ": expected weights[", i,
+                "] without a forward-mode tangent, got a dual tensor (the fused op has no forward "
+                "derivative; bsn_cuda's module API runs forward-mode AD per layer through the "
+                "reference implementation)");
+    records = records || weight.requires_grad();
+  }
+  for (size_t i = 0; i < vectors.size(); ++i) {
+    TORCH_CHECK(vectors[i].defined(), kOp, ": expected vectors[", i, "] to be a tensor, got None");
+    TORCH_CHECK(!vectors[i].requires_grad(), kOp, ": expected vectors[", i,
+                "] not to require grad (a power-iteration buffer updated in place; only the "
+                "weights are differentiable), got requires_grad=True");
+  }
+  // The kernels write the vectors through raw pointers: tell autograd, as the per-layer ops do.
+  for (const at::Tensor& v : vectors) {
+    if (!v.is_inference()) v.unsafeGetTensorImpl()->bump_version();
+  }
+  const GroupArgs args{vectors, kinds, dims, n_power_iterations, eps, scales, &update};
+  if (!(records && at::GradMode::is_enabled())) return call_group_forward(weights, args);
+  std::vector<at::Tensor> states;
+  variable_list outs = GroupForward::apply(weights, &args, &states);
+  return {std::move(outs), std::move(states)};
+}
+
+}  // namespace
+}  // namespace bsn
+
+TORCH_LIBRARY_IMPL(bsn_cuda, Autograd, m) {
+  m.impl("group_forward", &bsn::group_forward_autograd);
+}
