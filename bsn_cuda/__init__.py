@@ -9,6 +9,7 @@ Drop-in module API (see :mod:`bsn_cuda.nn`)::
     bsn_cuda.apply_spectral_norm(model, kind="bsn")
     bsn_cuda.patch_torch()                     # torch's own names -> fused, for code you don't own
     with bsn_cuda.cached(): samples = G(z)     # opt-in eval cache for sampling loops
+    bsn_cuda.group_spectral_norm(D, update="once")  # one op call per forward of D; u/v step once per step
 
 Functional API with caller-held vectors: :mod:`bsn_cuda.functional`; EMA
 copies that keep the power-iteration vectors unit-norm: :mod:`bsn_cuda.ema`. Pure
@@ -28,9 +29,14 @@ from .nn import (
     bidirectional_spectral_norm,
     convert_spectral_norm,
     get_sigma,
+    group_spectral_norm,
+    invalidate_spectral_norm,
+    power_iteration_step,
     remove_spectral_norm,
+    set_update_mode,
     spectral_norm,
     spectral_norm_checkpoint_context,
+    ungroup_spectral_norm,
 )
 
 __version__ = "0.1.0"
@@ -43,6 +49,11 @@ __all__ = [
     "apply_spectral_norm",
     "get_sigma",
     "cached",
+    "group_spectral_norm",
+    "ungroup_spectral_norm",
+    "set_update_mode",
+    "power_iteration_step",
+    "invalidate_spectral_norm",
     "patch_torch",
     "unpatch_torch",
     "is_torch_patched",

@@ -64,9 +64,19 @@ class GroupForward : public torch::autograd::Function<GroupForward> {
   static variable_list forward(AutogradContext* ctx, at::TensorList weights, const GroupArgs* args,
                                std::vector<at::Tensor>* states_out) {
     auto [outs, states] = call_group_forward(weights, *args);
-    variable_list saved(weights.begin(), weights.end());
-    saved.insert(saved.end(), states.begin(), states.end());
-    ctx->save_for_backward(saved);
+    // The weights are kept outside save_for_backward, with their versions checked in the
+    // backward for the layers it computes only: a layer that is not differentiated (its
+    // output unused, e.g. replaced by a newer one under update="once") may change meanwhile,
+    // as it may per layer, where it has a node of its own.
+    ctx->save_for_backward(states);
+    c10::List<at::Tensor> kept;
+    std::vector<int64_t> versions;
+    for (const at::Tensor& w : weights) {
+      kept.push_back(w);
+      versions.push_back(w.requires_grad() ? static_cast<int64_t>(w._version()) : -1);
+    }
+    ctx->saved_data["weights"] = kept;
+    ctx->saved_data["versions"] = versions;
     ctx->set_materialize_grads(false);
     ctx->saved_data["kinds"] = args->kinds.vec();
     ctx->saved_data["dims"] = args->dims.vec();
@@ -82,8 +92,10 @@ class GroupForward : public torch::autograd::Function<GroupForward> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const size_t n = saved.size() / 2;
+    const variable_list saved = ctx->get_saved_variables();  // the states
+    const size_t n = saved.size();
+    const c10::List<at::Tensor> weights = ctx->saved_data["weights"].toTensorList();
+    const std::vector<int64_t> versions = ctx->saved_data["versions"].toIntVector();
     const std::vector<int64_t> kinds = ctx->saved_data["kinds"].toIntVector();
     const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
     const std::vector<double> scales = ctx->saved_data["scales"].toDoubleVector();
@@ -93,10 +105,16 @@ class GroupForward : public torch::autograd::Function<GroupForward> {
     std::vector<double> sc;
     for (size_t i = 0; i < n; ++i) {
       if (i >= grads.size() || !grads[i].defined() || !ctx->needs_input_grad(i)) continue;
+      const at::Tensor weight = weights.get(i);
+      TORCH_CHECK(static_cast<int64_t>(weight._version()) == versions[i],
+                  "one of the variables needed for gradient computation has been modified by an "
+                  "inplace operation: weights[", i, "] of bsn_cuda::group_forward (shape ",
+                  weight.sizes(), ") is at version ", weight._version(), "; expected version ",
+                  versions[i], " instead");
       index.push_back(i);
       g.push_back(grads[i]);
-      w.push_back(saved[i]);
-      s.push_back(saved[n + i]);
+      w.push_back(weight);
+      s.push_back(saved[i]);
       k.push_back(kinds[i]);
       d.push_back(dims[i]);
       sc.push_back(scales[i]);

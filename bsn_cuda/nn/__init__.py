@@ -38,6 +38,13 @@ from .api import (
 )
 from .checkpoint import spectral_norm_checkpoint_context
 from .eval_cache import cached
+from .grouping import (
+    group_spectral_norm,
+    invalidate_spectral_norm,
+    power_iteration_step,
+    set_update_mode,
+    ungroup_spectral_norm,
+)
 from .legacy import FusedLegacySpectralNorm
 from .parametrizations import PARAMETRIZATIONS, BidirectionalSpectralNorm, SpectralNorm
 
@@ -54,6 +61,11 @@ __all__ = [
     "get_sigma",
     "spectral_norm_checkpoint_context",
     "cached",
+    "group_spectral_norm",
+    "ungroup_spectral_norm",
+    "set_update_mode",
+    "power_iteration_step",
+    "invalidate_spectral_norm",
     "SPECTRAL_NORM_LAYERS",
     "utils",
 ]

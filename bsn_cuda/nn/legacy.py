@@ -117,6 +117,9 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
 
     _cache = None
     coeff = None  # the soft bound (bsn_cuda.nn.utils.spectral_norm(..., coeff=c)); None: SN
+    # Set per instance by bsn_cuda.nn.grouping (a group's hand-off, update modes): returns the
+    # weight, or None for the path below.
+    _intercept = None
 
     @staticmethod
     def apply(module, name, n_power_iterations, dim, eps):
@@ -159,7 +162,10 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
         d = module.__dict__
         params, buffers = d["_parameters"], d["_buffers"]
         training = module.training
-        if type(self).compute_weight is not _FUSED_COMPUTE_WEIGHT:
+        weight = self._intercept(self, module) if self._intercept is not None else None
+        if weight is not None:
+            pass
+        elif type(self).compute_weight is not _FUSED_COMPUTE_WEIGHT:
             # A subclass (DUE-style) computes the weight its own way: call it, as torch's hook does.
             weight = self.compute_weight(module, training)
         else:

@@ -46,6 +46,9 @@ class _NormParametrization(nn.Module):
     """
 
     _LOG = "_sigma"
+    # Set per instance by bsn_cuda.nn.grouping (a group's hand-off, update modes): returns the
+    # forward's result, or None for the path below.
+    _intercept = None
 
     def _init_common(self, weight, n_power_iterations, eps, scale, log_len, variant=None):
         self.eps = eps
@@ -67,6 +70,10 @@ class _NormParametrization(nn.Module):
     # -- forward -----------------------------------------------------------
 
     def forward(self, weight):
+        if self._intercept is not None:
+            out = self._intercept(self, weight)
+            if out is not None:
+                return out
         if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops (no fused op, no u/v update)
             onnx_export.check_eval(self.training, type(self).__name__)
             return onnx_export.eval_graph(self, weight)
