@@ -357,7 +357,8 @@ class SpectralNormGroup:
                     kinds.append(_KIND_BSN), dims.append(0)
                     vecs.extend((b["_u0"], b["_v0"], b["_u1"], b["_v1"]))
                 scales.append(owner.scale)
-                logs.append(b[owner._LOG] if _ops.log_writable() else None)
+                # Not in a checkpoint recomputation (the per-layer path logs nothing there either).
+                logs.append(b[owner._LOG] if not recompute and _ops.log_writable() else None)
             ws.append(w)
             iters.append(owner.n_power_iterations)
             eps.append(float(owner.eps))
