@@ -123,14 +123,14 @@ def _group_backward_backward(ctx, grad_grads):
             continue
         if kinds[i] == KIND_BSN:
             direction = reference.bsn_direction(s, w.shape)
-            gg, gw = _ops._backward_of_backward(h, g, w, s, direction, scales[i], needs)
+            gg, gw, _ = _ops._backward_of_backward(h, g, w, s, direction, scales[i], needs)
         elif kinds[i] == KIND_SN:
             direction = reference.sn_direction(s, w.shape, dims[i])
-            gg, gw = _ops._backward_of_backward(h, g, w, s, direction, scales[i], needs)
+            gg, gw, _ = _ops._backward_of_backward(h, g, w, s, direction, scales[i], needs)
         else:
             w2 = _rows(w)
             direction = reference.sn_direction(s, w2.shape, 1)
-            gg, gw = _ops._backward_of_backward(_rows(h), _rows(g), w2, s, direction, scales[i], needs)
+            gg, gw, _ = _ops._backward_of_backward(_rows(h), _rows(g), w2, s, direction, scales[i], needs)
             gg, gw = gg.view(g.shape), gw.view(w.shape)
         grad_g.append(gg)
         grad_w.append(gw)

@@ -163,11 +163,12 @@ GroupForwardResult group_forward_by_layer(at::TensorList weights, at::TensorList
   static auto sn = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bsn_cuda::sn_forward", "")
                        .typed<R(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
-                                double, double, bool)>();
+                                double, double, bool, double, const OptTensor&, bool)>();
   static auto bsn = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("bsn_cuda::bsn_forward", "")
                         .typed<R(const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                                 at::Tensor&, int64_t, double, double, bool)>();
+                                 at::Tensor&, int64_t, double, double, bool, double, const OptTensor&,
+                                 bool)>();
   // The checks (and error words) of the grouped op first; nothing is written before they pass.
   prepare_group_forward(weights, vectors, kinds, dims, n_power_iterations, eps, scales, update);
   std::vector<at::Tensor> outs, states;
@@ -177,12 +178,14 @@ GroupForwardResult group_forward_by_layer(at::TensorList weights, at::TensorList
     vi += v.size();
     R r;
     if (kinds[j] == kGroupBSN) {
-      r = bsn.call(weights[j], v[0], v[1], v[2], v[3], n_power_iterations[j], eps[j], scales[j], update[j]);
+      r = bsn.call(weights[j], v[0], v[1], v[2], v[3], n_power_iterations[j], eps[j], scales[j], update[j],
+                   0.0, std::nullopt, false);
     } else if (kinds[j] == kGroupSN) {
-      r = sn.call(weights[j], v[0], v[1], dims[j], n_power_iterations[j], eps[j], scales[j], update[j]);
+      r = sn.call(weights[j], v[0], v[1], dims[j], n_power_iterations[j], eps[j], scales[j], update[j], 0.0,
+                  std::nullopt, false);
     } else {
       r = sn.call(weights[j].reshape({weights[j].size(0), -1}), v[0], v[1], 1, n_power_iterations[j],
-                  eps[j], scales[j], update[j]);
+                  eps[j], scales[j], update[j], 0.0, std::nullopt, false);
       std::get<0>(r) = std::get<0>(r).view(weights[j].sizes());
     }
     outs.push_back(std::move(std::get<0>(r)));
@@ -197,22 +200,22 @@ std::vector<at::Tensor> group_backward_by_layer(at::TensorList grad_outs, at::Te
   static auto sn = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bsn_cuda::sn_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         int64_t, double)>();
+                                         int64_t, double, double, const OptTensor&)>();
   static auto bsn = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("bsn_cuda::bsn_backward", "")
                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          double)>();
+                                          double, double, const OptTensor&)>();
   prepare_group_backward(grad_outs, weights, states, kinds, dims, scales);
   std::vector<at::Tensor> grads;
   for (size_t j = 0; j < weights.size(); ++j) {
     if (kinds[j] == kGroupBSN) {
-      grads.push_back(bsn.call(grad_outs[j], weights[j], states[j], scales[j]));
+      grads.push_back(bsn.call(grad_outs[j], weights[j], states[j], scales[j], 0.0, std::nullopt));
     } else if (kinds[j] == kGroupSN) {
-      grads.push_back(sn.call(grad_outs[j], weights[j], states[j], dims[j], scales[j]));
+      grads.push_back(sn.call(grad_outs[j], weights[j], states[j], dims[j], scales[j], 0.0, std::nullopt));
     } else {
       const int64_t m = weights[j].size(0);
       grads.push_back(sn.call(grad_outs[j].reshape({m, -1}), weights[j].reshape({m, -1}), states[j], 1,
-                              scales[j])
+                              scales[j], 0.0, std::nullopt)
                           .view(weights[j].sizes()));
     }
   }

@@ -188,7 +188,8 @@ def _per_layer(owner, module, weight, update):
     """The layer's own (ungrouped) computation of its training forward with ``update``."""
     if isinstance(owner, FusedLegacySpectralNorm):
         u, v = module._buffers[owner.name + "_u"], module._buffers[owner.name + "_v"]
-        return legacy_forward(weight, u, v, owner.dim, owner.n_power_iterations, owner.eps, update)[0]
+        return legacy_forward(weight, u, v, owner.dim, owner.n_power_iterations, owner.eps, update,
+                              coeff=owner.coeff)[0]
     return owner._run(weight, owner.n_power_iterations, update, owner._buffers[owner._LOG])[0]
 
 
@@ -335,7 +336,7 @@ class SpectralNormGroup:
                 upd = rec.due(w)
                 once.append(i)
             if legacy:
-                if w.ndim < 2 or w.dtype.is_complex or (upd and owner.dim != 0):
+                if w.ndim < 2 or w.dtype.is_complex or (upd and owner.dim != 0) or owner.coeff is not None:
                     continue
                 b = module._buffers
                 u, v = b[owner.name + "_u"], b[owner.name + "_v"]
@@ -346,7 +347,7 @@ class SpectralNormGroup:
                 scales.append(1.0)
                 logs.append(None)
             else:
-                if w.ndim < 2:
+                if w.ndim < 2 or owner._variant:  # variants (coeff, gamma, track-only): per layer
                     continue
                 b = owner._buffers
                 if isinstance(owner, SpectralNorm):
@@ -523,7 +524,8 @@ def power_iteration_step(module):
             continue
         if isinstance(owner, FusedLegacySpectralNorm):
             u, v = mod._buffers[owner.name + "_u"], mod._buffers[owner.name + "_v"]
-            legacy_forward(weight.detach(), u, v, owner.dim, owner.n_power_iterations, owner.eps, True)
+            legacy_forward(weight.detach(), u, v, owner.dim, owner.n_power_iterations, owner.eps, True,
+                           coeff=owner.coeff)
         else:
             owner._cache = None
             owner._run(weight.detach(), owner.n_power_iterations, True, owner._buffers[owner._LOG])

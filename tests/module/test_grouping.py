@@ -463,3 +463,24 @@ def test_errors_name_the_op_the_layer_and_the_argument(call):
         run(ws, vs, args[0], [0, 0, 0], *args[2:])
     with pytest.raises(RuntimeError, match="bsn_cuda::group_forward: expected vectors to have 10 elements"):
         run(ws, vs[:-1], *args)
+
+
+@pytest.mark.parametrize("mode", grouping.UPDATE_MODES)
+def test_variant_layers_run_per_layer_inside_a_group(mode, monkeypatch):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(bsn_cuda.spectral_norm(nn.Linear(6, 5), coeff=0.9),
+                             bsn_cuda.spectral_norm(nn.Linear(5, 4), learnable_scale=True),
+                             bsn_cuda.nn.utils.spectral_norm(nn.Linear(4, 3), coeff=0.8),
+                             bsn_cuda.spectral_norm(nn.Linear(3, 2)))
+    a, b = make(), make()
+    bsn_cuda.set_update_mode(a, mode)
+    bsn_cuda.group_spectral_norm(b, update=mode)
+    x = torch.randn(2, 6)
+    calls = _count_calls(monkeypatch)
+    for m in (a, b):
+        for _ in range(2):
+            m(x).sum().backward()
+    assert calls["group"] == 2
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.buffers(), b.buffers()))
