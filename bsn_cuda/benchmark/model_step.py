@@ -11,6 +11,14 @@ Rows, timed interleaved on the same model:
 
 * ``torch_sn`` / ``torch_legacy``: torch's parametrized and hook-based SN;
 * ``fused_sn`` / ``fused_legacy``: bsn_cuda's, one fused op per layer;
+* ``grouped_forward`` / ``grouped_once`` / ``grouped_never``: bsn_cuda's SN with
+  ``bsn_cuda.group_spectral_norm(model, update=...)``: one op call per forward
+  of the model. ``once`` steps u/v once per step: the untimed reset between
+  steps signals an optimizer step (what a training loop's ``opt.step()`` does
+  through torch's optimizer hook), so each timed step is one update and one
+  shared W_sn; ``never`` does not update (``power_iteration_step`` not called);
+* ``torch_sn_compiled`` (``--compiled``): torch's parametrized SN under
+  ``torch.compile`` (inductor), the whole step's forward compiled;
 * ``identity``: a parametrization that returns its input (the floor any
   parametrization pays);
 * ``no_sn``: plain weights;
@@ -57,8 +65,13 @@ MODEL_SUITES = {
     "biggan_d": SUITES["biggan_d"]["layers"],
     "biggan_g_linear": SUITES["biggan_g_linear"]["layers"],
     "bert_linear": _bert_layers(),
+    # Tiny stacks: where per-call machinery is all there is (36 layers, batch 1).
+    "tiny_linear16": [("linear16", "linear", (16, 16), 36)],
+    "linear148": [("linear148x96", "linear", (96, 148), 36)],
 }
-IMPLS = ["no_sn", "identity", "torch_sn", "torch_legacy", "fused_sn", "fused_legacy"]
+IMPLS = ["no_sn", "identity", "torch_sn", "torch_legacy", "fused_sn", "fused_legacy", "grouped_forward",
+         "grouped_once", "grouped_never"]
+COMPILED_IMPLS = ["torch_sn_compiled"]
 
 
 class _Layers(nn.Module):
@@ -91,32 +104,49 @@ def build_model(suite, impl, seed=0):
             m = make_layer(kind, shape, seed=seed + 100 * i + j)
             if impl == "identity":
                 parametrize.register_parametrization(m, "weight", Identity())
-            elif impl == "torch_sn":
+            elif impl in ("torch_sn", "torch_sn_compiled"):
                 torch.nn.utils.parametrizations.spectral_norm(m)
             elif impl == "torch_legacy":
                 torch.nn.utils.spectral_norm(m)
-            elif impl == "fused_sn":
+            elif impl == "fused_sn" or impl.startswith("grouped_"):
                 bsn_cuda.spectral_norm(m)
             elif impl == "fused_legacy":
                 bsn_cuda.nn.utils.spectral_norm(m)
             elif impl != "no_sn":
-                raise ValueError(f"build_model: expected one of {IMPLS}, got {impl!r}")
+                raise ValueError(f"build_model: expected one of {IMPLS + COMPILED_IMPLS}, got {impl!r}")
             layers.append(m)
-    return _Layers(layers).train()
+    model = _Layers(layers).train()
+    if impl.startswith("grouped_"):
+        bsn_cuda.group_spectral_norm(model, update=impl[len("grouped_"):])
+    return model
 
 
-def _step(model, forwards):
+def _step(model, forwards, impl=""):
+    run = torch.compile(model) if impl == "torch_sn_compiled" else model
+
     def call():
-        loss = model()
+        loss = run()
         for _ in range(forwards - 1):
-            loss = loss + model()
+            loss = loss + run()
         loss.backward()
 
     params = list(model.parameters())
+    # update="once": the end of a training step, as an optimizer step signals it (torch's global
+    # optimizer step hook, which bsn_cuda.nn.grouping listens to), without the optimizer's work.
+    from ..nn import grouping
+
+    step_done = None
+    if impl == "grouped_once":
+        holder = type("StepSignal", (), {"param_groups": [{"params": params}]})()
+
+        def step_done():
+            grouping._on_optimizer_step(holder, (), {})
 
     def reset():
         for p in params:
             p.grad = None
+        if step_done is not None:
+            step_done()
 
     return call, reset
 
@@ -151,18 +181,19 @@ def kernel_floor(suite, forwards, budget):
     return total
 
 
-def run_model_steps(suites, forwards_list, budget=None, write=print):
+def run_model_steps(suites, forwards_list, budget=None, write=print, compiled=False):
     """Records ``{suite, forwards, impl, median_s, ...}`` plus one ``kernel_floor`` record per suite and k."""
     budget = budget or Budget(warmup=2, min_reps=6, max_reps=60, min_time=0.3, max_time=2.0)
+    impls = IMPLS + (COMPILED_IMPLS if compiled else [])
     records = []
     for suite in suites:
-        base = {impl: build_model(suite, impl) for impl in IMPLS}
+        base = {impl: build_model(suite, impl) for impl in impls}
         for forwards in forwards_list:
             t0 = time.perf_counter()
             cases, keep = {}, []
-            for impl in IMPLS:
+            for impl in impls:
                 model = copy.deepcopy(base[impl])  # fresh vectors for every k
-                call, reset = _step(model, forwards)
+                call, reset = _step(model, forwards, impl)
                 warm_up_cpu(call, reset, budget)
                 cases[impl] = (call, reset)
                 keep.append(model)
@@ -181,18 +212,30 @@ def model_step_table(records):
     lines = ["| suite | layers | forwards | no SN | identity | torch SN | torch legacy | fused SN | fused legacy "
              "| kernel floor | SN cost: torch / fused | fused cost / floor | fused - identity per layer |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    grouped = ["| suite | forwards | compiled torch SN | grouped forward | grouped once | grouped never "
+               "| SN cost: torch / grouped | grouped cost / floor | once / forward (SN cost) "
+               "| grouped - identity per layer |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for suite in dict.fromkeys(r["suite"] for r in records):
         n_layers = sum(count for *_, count in MODEL_SUITES[suite])
         for k in sorted({r["forwards"] for r in records if r["suite"] == suite}):
-            us = {impl: idx.get((suite, k, impl), float("nan")) * 1e6 for impl in IMPLS + ["kernel_floor"]}
-            cost = {impl: us[impl] - us["no_sn"] for impl in IMPLS}
+            names = IMPLS + COMPILED_IMPLS
+            us = {impl: idx.get((suite, k, impl), float("nan")) * 1e6 for impl in names + ["kernel_floor"]}
+            cost = {impl: us[impl] - us["no_sn"] for impl in names}
+            grouped.append(
+                f"| {suite} | {k} | {us['torch_sn_compiled']:.0f} | {us['grouped_forward']:.0f} | "
+                f"{us['grouped_once']:.0f} | {us['grouped_never']:.0f} | "
+                f"{cost['torch_sn'] / cost['grouped_forward']:.2f}x | "
+                f"{cost['grouped_forward'] / us['kernel_floor']:.2f} | "
+                f"{cost['grouped_once'] / cost['grouped_forward']:.2f} | "
+                f"{(us['grouped_forward'] - us['identity']) / n_layers:.1f} µs |")
             lines.append(
                 f"| {suite} | {n_layers} | {k} | {us['no_sn']:.0f} | {us['identity']:.0f} | {us['torch_sn']:.0f} | "
                 f"{us['torch_legacy']:.0f} | {us['fused_sn']:.0f} | {us['fused_legacy']:.0f} | "
                 f"{us['kernel_floor']:.0f} | {cost['torch_sn'] / cost['fused_sn']:.2f}x | "
                 f"{cost['fused_sn'] / us['kernel_floor']:.2f} | "
                 f"{(us['fused_sn'] - us['identity']) / n_layers:.1f} µs |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + "\n".join(grouped)
 
 
 def main(argv=None):
@@ -201,13 +244,14 @@ def main(argv=None):
                    help=f"comma-separated, from {','.join(MODEL_SUITES)} or all")
     p.add_argument("--forwards", default="1,2,3", help="training forwards per step [1,2,3]")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N) [1]")
+    p.add_argument("--compiled", action="store_true", help="add torch SN under torch.compile (slow to compile)")
     args = p.parse_args(argv)
     suites = list(MODEL_SUITES) if args.suite == "all" else args.suite.split(",")
     for s in suites:
         if s not in MODEL_SUITES:
             p.error(f"--suite: expected names from {', '.join(MODEL_SUITES)}, got {s!r}")
     torch.set_num_threads(args.threads)
-    records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")])
+    records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
     print(f"\n== SN cost per training step, µs (median), {args.threads} thread(s), torch {torch.__version__} ==")
     print(model_step_table(records))
 
