@@ -1,5 +1,5 @@
 // Kernel arguments and the kernel tables: what the launchers (launch.cu) and
-// the kernels (forward.cu, backward.cu) agree on. Host-compatible (no device
+// the kernels (forward.cuh, backward.cu) agree on. Host-compatible (no device
 // code): a kernel is handed to the launchers as its address, and every kernel
 // takes one argument, its FwdArgs / BwdArgs by value.
 #pragma once
@@ -69,7 +69,7 @@ enum class FwdKernel : int {
 enum class BwdKernel : int { FusedSingle, FusedCoop, Dot, Apply };
 
 // The address of a kernel (explicitly instantiated for float, double,
-// c10::Half and c10::BFloat16 in forward.cu / backward.cu).
+// c10::Half and c10::BFloat16 in forward_<dtype>.cu / backward.cu).
 template <typename scalar_t>
 const void* forward_kernel(FwdKernel k);
 template <typename scalar_t>

@@ -1,6 +1,6 @@
 // Device helpers shared by the forward and backward kernels: conversions,
 // explicitly rounded arithmetic, deterministic reductions, thread groups and
-// the barriers between phases. Included by forward.cu and backward.cu only.
+// the barriers between phases. Included by forward.cuh and backward.cu only.
 #pragma once
 
 #include <cstdint>

@@ -72,8 +72,9 @@
 //
 // Files (csrc/cuda): plan.h / plan.cpp  chunks, items, workspace and mode
 // (host integer logic, unit-tested on the CPU); args.h  kernel arguments and
-// kernel tables; common.cuh  device helpers and reductions; forward.cu /
-// backward.cu  phases and kernels; launch.cu  (this file) grids, occupancy,
+// kernel tables; common.cuh  device helpers and reductions; forward.cuh
+// phases and kernels of the forward, instantiated per dtype in
+// forward_<dtype>.cu (one translation unit each); backward.cu  the backward's; launch.cu  (this file) grids, occupancy,
 // launches; sn_cuda.cpp  the ops' CUDA dispatch (torch side).
 
 #include "cuda/launch.h"

@@ -1,6 +1,6 @@
 // Launch plans of the CUDA backend: host-side integer logic only (no CUDA or
 // torch headers), built by the host compiler (plan.cpp) and unit-tested on the
-// CPU (tests/cuda/test_cuda_plans.py). The kernels (forward.cu, backward.cu) read a
+// CPU (tests/cuda/test_cuda_plans.py). The kernels (forward.cuh, backward.cu) read a
 // plan as part of their arguments; the launchers (launch.cu) size grids from it.
 //
 // A plan holds everything the kernels need besides the pointers: the pairs'

@@ -111,7 +111,7 @@ def test_cuda_matches_reference_and_cpu(kind, shape, dim, dtype):
 # ---------------------------------------------------------------------------
 # Launch modes: bitwise identical
 
-# Each case takes a different path through the kernels (see csrc/cuda/forward.cu).
+# Each case takes a different path through the kernels (see csrc/cuda/forward.cuh).
 MODE_CASES = [
     ("sn", (64, 27), 0),  # a warp per row, registers
     ("sn", (33, 65), 1),  # strided pair, sr = 1, warp mode

@@ -17,7 +17,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from bsn_cuda.benchmark import markers
+from bsn_cuda.benchmark import build_time, markers
 from bsn_cuda.benchmark.cli import conclude, main
 from bsn_cuda.benchmark.readme import speed_blocks
 
@@ -28,6 +28,8 @@ import evidence  # noqa: E402
 README = os.path.join(REPO_ROOT, "README.md")
 WHY_BSN = os.path.join(REPO_ROOT, "docs", "why_bsn.md")
 CPU_JSON = os.path.join("benchmarks", "results", "cpu.json")
+BUILD_JSON = os.path.join("benchmarks", "results", "build.json")
+BUILD_COMMAND = f"python -m bsn_cuda.benchmark.build_time --from-json {BUILD_JSON} --markdown-into README.md"
 SPEED_COMMAND = f"python -m bsn_cuda.benchmark --from-json {CPU_JSON} --markdown-into README.md"
 EVIDENCE_COMMAND = "python examples/evidence.py"
 
@@ -98,6 +100,12 @@ def bsn():
     return evidence.evidence_blocks()
 
 
+@pytest.fixture(scope="module")
+def build():
+    with open(os.path.join(REPO_ROOT, BUILD_JSON)) as f:
+        return build_time.build_blocks(json.load(f))
+
+
 def _differing(path, blocks):
     """The names of the generated regions of `path` whose content is not blocks[name]."""
     have = markers.regions(_read(path))
@@ -123,9 +131,15 @@ def test_bsn_evidence_is_regenerated_from_the_committed_runs(path, bsn):
                          f"examples/results/*.json give; run: {EVIDENCE_COMMAND}")
 
 
-def test_every_region_has_a_generator(speed, bsn):
+def test_build_time_is_regenerated_from_the_committed_run(build):
+    changed = _differing(README, build)
+    assert not changed and set(build) <= set(markers.regions(_read(README))), \
+        f"README.md: regions {changed or list(build)} are not what {BUILD_JSON} gives; run: {BUILD_COMMAND}"
+
+
+def test_every_region_has_a_generator(speed, bsn, build):
     readme, why = markers.regions(_read(README)), markers.regions(_read(WHY_BSN))
-    assert set(readme) - set(speed) - set(bsn) == set(), "README.md has regions no generator writes"
+    assert set(readme) - set(speed) - set(bsn) - set(build) == set(), "README.md has regions no generator writes"
     assert set(why) - set(bsn) == set(), "docs/why_bsn.md has regions no generator writes"
     assert set(speed) <= set(readme), f"README.md lacks speed regions: expected {sorted(speed)}, got {sorted(readme)}"
     assert {"bsn-probe-compare", "bsn-sweep"} <= set(readme) & set(why), \
@@ -133,9 +147,9 @@ def test_every_region_has_a_generator(speed, bsn):
 
 
 @pytest.mark.parametrize("path", [README, WHY_BSN], ids=["README", "why_bsn"])
-def test_prose_quotes_only_generated_quantities(path, speed, bsn):
+def test_prose_quotes_only_generated_quantities(path, speed, bsn, build):
     page = _read(path)
-    generated = "\n".join(list(speed.values()) + list(bsn.values()))
+    generated = "\n".join(list(speed.values()) + list(bsn.values()) + list(build.values()))
     bad = unsupported(page, generated)
     assert not bad, (f"{os.path.relpath(path, REPO_ROOT)} quotes quantities that no generated block gives "
                      "(move them into a block, or remove them):\n" + "\n".join(bad))
@@ -172,3 +186,24 @@ def test_generator_takes_modes_it_does_not_know():
     blocks = speed_blocks(conclude(result), CPU_JSON)
     assert "| cpu | sngan_cnn | eval_new |" in blocks["speed-summary"]
     assert "| Linear(4, 4) | eval_new |" in blocks["speed-host"]
+
+
+def test_build_time_reads_ninja_logs_and_judges_the_slowest_file(tmp_path):
+    tree = tmp_path / "tree"
+    for rel in ("csrc/cuda/forward_float.cu", "csrc/host.cpp"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("")
+    log_dir = tree / "build" / "temp"
+    log_dir.mkdir(parents=True)
+    (log_dir / ".ninja_log").write_text(
+        f"# ninja log v5\n0\t13500\t0\t{log_dir}/csrc/cuda/forward_float.cuda.o\t1\n"
+        f"100\t41100\t0\t{log_dir}/csrc/host.o\t2\n100\t200\t0\t{log_dir}/other.so\t3\n")
+    assert build_time._ninja_times(str(tree)) == {"csrc/cuda/forward_float.cu": 13.5, "csrc/host.cpp": 41.0}
+    result = {"env": {"git_commit": "abcdef0123", "date": "2026-12-07T00:00:00", "cpu_model": "CPU", "cpu_count": 2,
+                      "torch": "2.x", "nvcc": ["Build cuda_13.0"]},
+              "per_file": {"wall_s": 300, "settings": "", "files_s": {"csrc/cuda/forward_float.cu": 13.5,
+                                                                       "csrc/host.cpp": 41.0}},
+              "default": {"wall_s": 250, "settings": "bsn_cuda: building CPU + CUDA ops (archs)", "files_s": {}}}
+    text = build_time.build_blocks(result)["build-time"]
+    assert "**4m10s** wall" in text and "`csrc/host.cpp`, 41 s (OVER the 40 s goal)" in text
+    assert "`forward_float.cu` 14 s" in text

@@ -11,14 +11,19 @@ CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 GEN=$HERE/build/gen${SUFFIX:-}
 OBJ=$HERE/build/obj${SUFFIX:-}
 mkdir -p "$GEN/cuda" "$OBJ"
-"$PY" "$HERE/gen.py" "$ROOT/csrc/cuda/common.cuh" "$GEN/cuda/common.cuh"
-for f in forward backward launch; do
-  "$PY" "$HERE/gen.py" "$ROOT/csrc/cuda/$f.cu" "$GEN/$f.cpp"
+for h in "$ROOT"/csrc/cuda/*.cuh; do
+  "$PY" "$HERE/gen.py" "$h" "$GEN/cuda/$(basename "$h")"
+done
+srcs=()
+for f in "$ROOT"/csrc/cuda/*.cu; do
+  name=$(basename "${f%.cu}")
+  "$PY" "$HERE/gen.py" "$f" "$GEN/$name.cpp"
+  srcs+=("$GEN/$name.cpp")
 done
 FLAGS=(-std=c++20 -O1 -g -fPIC -pthread -Wno-unknown-pragmas "$@"
   -I"$GEN" -I"$HERE" -I"$ROOT/csrc" -I"$SP/torch/include" -I"$CUDA_INC")
 objs=()
-for src in "$GEN/forward.cpp" "$GEN/backward.cpp" "$GEN/launch.cpp" "$ROOT/csrc/cuda/plan.cpp" "$HERE/harness.cpp"; do
+for src in "${srcs[@]}" "$ROOT/csrc/cuda/plan.cpp" "$HERE/harness.cpp"; do
   o=$OBJ/$(basename "${src%.*}").o
   g++ "${FLAGS[@]}" -c "$src" -o "$o" &
   objs+=("$o")
