@@ -70,12 +70,31 @@
 // every mul+add is an explicit fma_rn / mul_rn / add_rn (common.cuh), so no
 // mode depends on ptxas's contraction choices. All offsets are int64_t.
 //
+// Grouped launches (issue 22; group.cuh, group_cuda.cpp): the layers of one
+// group_forward / group_backward call with one dtype run one launch per phase
+// step. Each layer keeps its own plan (make_forward_plan / make_backward_plan)
+// and its Multi-mode phase sequence (A, B, [C], [B2] per iteration, D; eval A,
+// D; backward BW1, BW2); launch s runs phase s of every layer that has one
+// (shorter sequences drop out of the later launches). A device table holds
+// every layer's FwdArgs / BwdArgs and, per launch, entries {start, nblk,
+// layer, phase} sorted by start; the grouped kernel's block b finds the
+// entry with start <= b < start + nblk and runs that phase's __device__
+// function with (b - start, nblk): the code of the layer's Multi kernel, with
+// a grid of nblk, hence the per-layer bits. nblk: the phase's items, at most
+// one wave of resident blocks of the grouped kernel at the launch's shared
+// memory (the largest of its layers' phases). One device buffer holds the
+// table and every layer's workspace (256-byte aligned); the table is copied
+// (GroupUpload, pinned memory on the stream) before the first launch, and
+// everything is planned and checked before that copy.
+//
 // Files (csrc/cuda): plan.h / plan.cpp  chunks, items, workspace and mode
 // (host integer logic, unit-tested on the CPU); args.h  kernel arguments and
 // kernel tables; common.cuh  device helpers and reductions; forward.cuh
 // phases and kernels of the forward, instantiated per dtype in
-// forward_<dtype>.cu (one translation unit each); backward.cu  the backward's; launch.cu  (this file) grids, occupancy,
-// launches; sn_cuda.cpp  the ops' CUDA dispatch (torch side).
+// forward_<dtype>.cu (one translation unit each); backward.cuh / backward.cu  the backward's;
+// group.cuh / group_<dtype>.cu  the grouped kernels; launch.cu  (this file) grids,
+// occupancy, launches; sn_cuda.cpp  the ops' CUDA dispatch (torch side); group_cuda.cpp
+// the grouped ops' (torch side).
 
 #include "cuda/launch.h"
 
