@@ -50,18 +50,31 @@ __device__ __forceinline__ int64_t group_entry_of(const GroupEntry* __restrict__
   return k;
 }
 
+// This block's run: its layer's args, phase, layer-local block id and block count.
+template <typename Args>
+struct GroupBlock {
+  const Args* args;
+  GroupPhase phase;
+  int64_t bid, nblk;
+};
+template <typename Args>
+__device__ __forceinline__ GroupBlock<Args> group_block(const GroupLaunch<Args>& L,
+                                                        unsigned char* smem_raw) {
+  const int64_t b = blockIdx.x;
+  const GroupEntry& e = L.entries[group_entry_of(L.entries, L.n_entries, b, smem_raw)];
+  return GroupBlock<Args>{L.layers + e.layer, static_cast<GroupPhase>(e.phase), b - e.start, e.nblk};
+}
+
 // __launch_bounds__ as phase A's own kernel (64 registers; float64 80): phase A
 // is the one that needs them, the other phases used 31-58 in their own kernels.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksA<scalar_t>)
     group_forward_kernel_impl(const __grid_constant__ GroupLaunch<FwdArgs<scalar_t>> L) {
   BSN_SMEM_DECL(scalar_t);
-  const int64_t b = blockIdx.x;
-  const GroupEntry& e = L.entries[group_entry_of(L.entries, L.n_entries, b, bsn_smem_raw)];
-  const int64_t bid = b - e.start;
-  const int64_t nblk = e.nblk;
-  const FwdArgs<scalar_t>& A = L.layers[e.layer];
-  switch (static_cast<GroupPhase>(e.phase)) {
+  const GroupBlock<FwdArgs<scalar_t>> g = group_block(L, bsn_smem_raw);
+  const FwdArgs<scalar_t>& A = *g.args;
+  const int64_t bid = g.bid, nblk = g.nblk;
+  switch (g.phase) {
     case GroupPhase::ATrainFromBuffers:
       phase_a<scalar_t, true, true>(A, smem, bid, nblk);
       break;
@@ -95,15 +108,11 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     group_backward_kernel_impl(const __grid_constant__ GroupLaunch<BwdArgs<scalar_t>> L) {
   BSN_SMEM_DECL(scalar_t);
-  const int64_t b = blockIdx.x;
-  const GroupEntry& e = L.entries[group_entry_of(L.entries, L.n_entries, b, bsn_smem_raw)];
-  const int64_t bid = b - e.start;
-  const int64_t nblk = e.nblk;
-  const BwdArgs<scalar_t>& A = L.layers[e.layer];
-  if (static_cast<GroupPhase>(e.phase) == GroupPhase::BwDot) {
-    bw_dot<scalar_t>(A, smem, bid, nblk);
+  const GroupBlock<BwdArgs<scalar_t>> g = group_block(L, bsn_smem_raw);
+  if (g.phase == GroupPhase::BwDot) {
+    bw_dot<scalar_t>(*g.args, smem, g.bid, g.nblk);
   } else {
-    bw_apply<scalar_t>(A, smem, bid, nblk);
+    bw_apply<scalar_t>(*g.args, smem, g.bid, g.nblk);
   }
 }
 

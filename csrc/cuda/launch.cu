@@ -502,23 +502,31 @@ GroupLayout group_backward_layout(const std::vector<BackwardPlan>& plans) {
   return make_layout<BwdArgs<scalar_t>>(plans, sizeof(acc_t<scalar_t>), backward_steps);
 }
 
+// One grouped call: every layer's args (its workspace in the buffer), then run_group.
+template <typename Args, typename Params, typename Plan, typename MakeArgs, typename StepsOf>
+void launch_group(const char* what, const void* kern, const std::vector<Params>& params,
+                  const std::vector<Plan>& plans, const GroupLayout& layout, void* buffer,
+                  const DeviceInfo& dev, cudaStream_t stream, const GroupUpload& upload,
+                  const MakeArgs& make_args, const StepsOf& steps_of) {
+  TORCH_CHECK(params.size() == plans.size() && plans.size() == layout.ws_offset.size() && !plans.empty(),
+              "bsn_cuda: grouped ", what, ": expected one plan and one workspace per layer, got ",
+              params.size(), " layers, ", plans.size(), " plans, ", layout.ws_offset.size(),
+              " workspaces");
+  std::vector<Args> args;
+  args.reserve(plans.size());
+  for (size_t l = 0; l < plans.size(); ++l) {
+    args.push_back(make_args(params[l], plans[l], static_cast<unsigned char*>(buffer) + layout.ws_offset[l]));
+  }
+  run_group(kern, args, plans, layout, buffer, dev, stream, upload, steps_of);
+}
+
 template <typename scalar_t>
 void launch_group_forward(const std::vector<ForwardParams>& params,
                           const std::vector<ForwardPlan>& plans, const GroupLayout& layout,
                           void* buffer, const DeviceInfo& dev, cudaStream_t stream,
                           const GroupUpload& upload) {
-  TORCH_CHECK(params.size() == plans.size() && plans.size() == layout.ws_offset.size() && !plans.empty(),
-              "bsn_cuda: grouped forward: expected one plan and one workspace per layer, got ",
-              params.size(), " layers, ", plans.size(), " plans, ", layout.ws_offset.size(),
-              " workspaces");
-  std::vector<FwdArgs<scalar_t>> args;
-  args.reserve(plans.size());
-  for (size_t l = 0; l < plans.size(); ++l) {
-    args.push_back(fwd_args<scalar_t>(params[l], plans[l],
-                                      static_cast<unsigned char*>(buffer) + layout.ws_offset[l]));
-  }
-  run_group(group_forward_kernel<scalar_t>(), args, plans, layout, buffer, dev, stream, upload,
-            forward_steps);
+  launch_group<FwdArgs<scalar_t>>("forward", group_forward_kernel<scalar_t>(), params, plans, layout,
+                                  buffer, dev, stream, upload, fwd_args<scalar_t>, forward_steps);
 }
 
 template <typename scalar_t>
@@ -526,18 +534,8 @@ void launch_group_backward(const std::vector<BackwardParams>& params,
                            const std::vector<BackwardPlan>& plans, const GroupLayout& layout,
                            void* buffer, const DeviceInfo& dev, cudaStream_t stream,
                            const GroupUpload& upload) {
-  TORCH_CHECK(params.size() == plans.size() && plans.size() == layout.ws_offset.size() && !plans.empty(),
-              "bsn_cuda: grouped backward: expected one plan and one workspace per layer, got ",
-              params.size(), " layers, ", plans.size(), " plans, ", layout.ws_offset.size(),
-              " workspaces");
-  std::vector<BwdArgs<scalar_t>> args;
-  args.reserve(plans.size());
-  for (size_t l = 0; l < plans.size(); ++l) {
-    args.push_back(bwd_args<scalar_t>(params[l], plans[l],
-                                      static_cast<unsigned char*>(buffer) + layout.ws_offset[l]));
-  }
-  run_group(group_backward_kernel<scalar_t>(), args, plans, layout, buffer, dev, stream, upload,
-            backward_steps);
+  launch_group<BwdArgs<scalar_t>>("backward", group_backward_kernel<scalar_t>(), params, plans, layout,
+                                  buffer, dev, stream, upload, bwd_args<scalar_t>, backward_steps);
 }
 
 #define BSN_INSTANTIATE(T)                                                                   \

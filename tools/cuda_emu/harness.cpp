@@ -238,16 +238,18 @@ std::vector<unsigned char> group_buffer(int64_t bytes) {
   return buf;
 }
 
-template <typename T>
-long run_group_fwd(const std::vector<bsn::ForwardParams>& ps,
-                   const std::vector<bsn::cuda::ForwardPlan>& plans, const bsn::cuda::DeviceInfo& dev) {
-  const bsn::cuda::GroupLayout layout = bsn::cuda::group_forward_layout<T>(plans);
+// One grouped call through launch (launch_group_forward / _backward), its
+// launches checked against the layout's count.
+template <typename Params, typename Plan, typename Layout, typename Launch>
+long run_group(const char* what, const std::vector<Params>& ps, const std::vector<Plan>& plans,
+               const bsn::cuda::DeviceInfo& dev, const Layout& layout_of, const Launch& launch) {
+  const bsn::cuda::GroupLayout layout = layout_of(plans);
   std::vector<unsigned char> buf = group_buffer(layout.total_bytes);
   const long before = emu::launches;
-  bsn::cuda::launch_group_forward<T>(ps, plans, layout, buf.data(), dev, nullptr, emu_upload);
+  launch(ps, plans, layout, buf.data(), dev, nullptr, emu_upload);
   const long made = emu::launches - before;
   if (made != layout.launches) {
-    fprintf(stderr, "emu_group_forward: %ld launches, the layout counts %ld\n", made,
+    fprintf(stderr, "%s: %ld launches, the layout counts %ld\n", what, made,
             static_cast<long>(layout.launches));
     return -1;
   }
@@ -255,19 +257,17 @@ long run_group_fwd(const std::vector<bsn::ForwardParams>& ps,
 }
 
 template <typename T>
+long run_group_fwd(const std::vector<bsn::ForwardParams>& ps,
+                   const std::vector<bsn::cuda::ForwardPlan>& plans, const bsn::cuda::DeviceInfo& dev) {
+  return run_group("emu_group_forward", ps, plans, dev, bsn::cuda::group_forward_layout<T>,
+                   bsn::cuda::launch_group_forward<T>);
+}
+
+template <typename T>
 long run_group_bwd(const std::vector<bsn::BackwardParams>& ps,
                    const std::vector<bsn::cuda::BackwardPlan>& plans, const bsn::cuda::DeviceInfo& dev) {
-  const bsn::cuda::GroupLayout layout = bsn::cuda::group_backward_layout<T>(plans);
-  std::vector<unsigned char> buf = group_buffer(layout.total_bytes);
-  const long before = emu::launches;
-  bsn::cuda::launch_group_backward<T>(ps, plans, layout, buf.data(), dev, nullptr, emu_upload);
-  const long made = emu::launches - before;
-  if (made != layout.launches) {
-    fprintf(stderr, "emu_group_backward: %ld launches, the layout counts %ld\n", made,
-            static_cast<long>(layout.launches));
-    return -1;
-  }
-  return made;
+  return run_group("emu_group_backward", ps, plans, dev, bsn::cuda::group_backward_layout<T>,
+                   bsn::cuda::launch_group_backward<T>);
 }
 }  // namespace
 
