@@ -65,10 +65,14 @@ __device__ __forceinline__ GroupBlock<Args> group_block(const GroupLaunch<Args>&
   return GroupBlock<Args>{L.layers + e.layer, static_cast<GroupPhase>(e.phase), b - e.start, e.nblk};
 }
 
-// __launch_bounds__ as phase A's own kernel (64 registers; float64 80): phase A
-// is the one that needs them, the other phases used 31-58 in their own kernels.
+// __launch_bounds__: 2 blocks per SM (128 registers). One kernel holds every
+// forward phase; at phase A's own bound (4 per SM, 64 registers; float64 3, 80)
+// ptxas spilled 736 / 1392 B (float, stores / loads) and 544 / 868 B
+// (float64), at 3 per SM still 348 / 660 B (float); at 2 none (float64: 44 B). A launch's
+// runs are at most one wave each, and phase A has at most kMaxChunksA = 264
+// chunks, 2 per SM on 132 SMs.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocksA<scalar_t>)
+__global__ void __launch_bounds__(kThreads, 2)
     group_forward_kernel_impl(const __grid_constant__ GroupLaunch<FwdArgs<scalar_t>> L) {
   BSN_SMEM_DECL(scalar_t);
   const GroupBlock<FwdArgs<scalar_t>> g = group_block(L, bsn_smem_raw);

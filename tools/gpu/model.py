@@ -149,7 +149,7 @@ def forward_time(p, gpu, s=4):
 
 
 # Grouped launches (launch.cu, "Grouped launches"): launch k runs phase k of every layer.
-GROUP_PER_SM = 4  # the grouped forward kernel's register cap (phase A's: 64 registers)
+GROUP_PER_SM = 2  # the grouped forward kernel's register cap (128 registers, group.cuh)
 TABLE_COPY = 2.5e-6  # the descriptor table's host-to-device copy before the first launch
 TABLE_BW = 25e9  # its bytes over PCIe (pinned)
 
