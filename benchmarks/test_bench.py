@@ -227,3 +227,17 @@ def test_model_step_models_and_table():
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[:3] == ["sngan_cnn", "8", "2"]
     assert cells[-3:] == ["4.00x", "2.00", "10.0 µs"]  # (500-100)/(200-100); (200-100)/50; (200-120)/8
+
+
+def test_model_step_grouped_rows_and_table():
+    from bsn_cuda.benchmark import model_step as M
+
+    model = M.build_model("sngan_cnn", "grouped_once")
+    assert model._bsn_spectral_norm_group is not None and len(model._bsn_spectral_norm_group.layers) == 8
+    assert model().ndim == 0
+    us = {"no_sn": 100, "identity": 120, "torch_sn": 500, "grouped_forward": 180, "grouped_once": 140,
+          "grouped_never": 150, "torch_sn_compiled": 300, "kernel_floor": 50}
+    records = [{"suite": "sngan_cnn", "forwards": 2, "impl": k, "median_s": v * 1e-6} for k, v in us.items()]
+    cells = [c.strip() for c in M.model_step_grouped_table(records).splitlines()[-1].split("|")[1:-1]]
+    # (500-100)/(180-100); (180-100)/50; (140-100)/(180-100); (180-120)/8
+    assert cells == ["sngan_cnn", "2", "300", "180", "140", "150", "5.00x", "1.60", "0.50", "7.5 µs"]

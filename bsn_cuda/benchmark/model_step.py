@@ -47,7 +47,8 @@ from .impls import make_layer
 from .suites import SUITES
 from .timing import Budget, time_cpu_interleaved, warm_up_cpu
 
-__all__ = ["MODEL_SUITES", "IMPLS", "build_model", "run_model_steps", "kernel_floor", "model_step_table"]
+__all__ = ["MODEL_SUITES", "IMPLS", "build_model", "run_model_steps", "kernel_floor", "model_step_table",
+           "model_step_grouped_table"]
 
 
 def _bert_layers():
@@ -238,6 +239,29 @@ def model_step_table(records):
     return "\n".join(lines) + "\n\n" + "\n".join(grouped)
 
 
+def model_step_grouped_table(records):
+    """Markdown: the grouped rows per suite and forward count (SN cost = step - no_sn)."""
+    idx = {(r["suite"], r["forwards"], r["impl"]): r["median_s"] for r in records}
+    grouped = ["| suite | forwards | compiled torch SN | grouped forward | grouped once | grouped never "
+               "| SN cost: torch / grouped | grouped cost / floor | once / forward (SN cost) "
+               "| grouped - identity per layer |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for suite in dict.fromkeys(r["suite"] for r in records):
+        n_layers = sum(count for *_, count in MODEL_SUITES[suite])
+        for k in sorted({r["forwards"] for r in records if r["suite"] == suite}):
+            names = IMPLS + COMPILED_IMPLS
+            us = {impl: idx.get((suite, k, impl), float("nan")) * 1e6 for impl in names + ["kernel_floor"]}
+            cost = {impl: us[impl] - us["no_sn"] for impl in names}
+            grouped.append(
+                f"| {suite} | {k} | {us['torch_sn_compiled']:.0f} | {us['grouped_forward']:.0f} | "
+                f"{us['grouped_once']:.0f} | {us['grouped_never']:.0f} | "
+                f"{cost['torch_sn'] / cost['grouped_forward']:.2f}x | "
+                f"{cost['grouped_forward'] / us['kernel_floor']:.2f} | "
+                f"{cost['grouped_once'] / cost['grouped_forward']:.2f} | "
+                f"{(us['grouped_forward'] - us['identity']) / n_layers:.1f} µs |")
+    return "\n".join(grouped)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bsn_cuda.benchmark.model_step", description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="sngan_cnn,sngan_resnet,biggan_g_linear,bert_linear",
@@ -254,6 +278,8 @@ def main(argv=None):
     records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
     print(f"\n== SN cost per training step, µs (median), {args.threads} thread(s), torch {torch.__version__} ==")
     print(model_step_table(records))
+    print()
+    print(model_step_grouped_table(records))
 
 
 if __name__ == "__main__":
