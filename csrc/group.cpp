@@ -1,11 +1,6 @@
-// Host side of the grouped ops (csrc/group.h), shared by every backend; and,
-// on CUDA builds, a CUDA kernel of the grouped ops that runs the per-layer
-// ops in list order (one launch sequence per layer: a grouped CUDA kernel
-// with one launch per phase is not built yet, see docs/design.md).
+// Host side of the grouped ops (csrc/group.h), shared by every backend (the
+// CUDA kernel of the grouped ops: csrc/cuda/group_cuda.cpp).
 #include "group.h"
-
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
@@ -149,86 +144,4 @@ PreparedGroupBackward prepare_group_backward(at::TensorList grad_outs, at::Tenso
   return group;
 }
 
-#ifdef BSN_WITH_CUDA
-namespace {
-
-// CUDA: the per-layer ops in list order (their checks, kernels and bits), one
-// call of the grouped op. Not one launch per phase: see docs/design.md.
-GroupForwardResult group_forward_by_layer(at::TensorList weights, at::TensorList vectors,
-                                          at::IntArrayRef kinds, at::IntArrayRef dims,
-                                          at::IntArrayRef n_power_iterations,
-                                          at::ArrayRef<double> eps, at::ArrayRef<double> scales,
-                                          const c10::List<bool>& update) {
-  using R = std::tuple<at::Tensor, at::Tensor>;
-  static auto sn = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bsn_cuda::sn_forward", "")
-                       .typed<R(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
-                                double, double, bool, double, const OptTensor&, bool)>();
-  static auto bsn = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow("bsn_cuda::bsn_forward", "")
-                        .typed<R(const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                                 at::Tensor&, int64_t, double, double, bool, double, const OptTensor&,
-                                 bool)>();
-  // The checks (and error words) of the grouped op first; nothing is written before they pass.
-  prepare_group_forward(weights, vectors, kinds, dims, n_power_iterations, eps, scales, update);
-  std::vector<at::Tensor> outs, states;
-  size_t vi = 0;
-  for (size_t j = 0; j < weights.size(); ++j) {
-    std::vector<at::Tensor> v(vectors.begin() + vi, vectors.begin() + vi + group_vectors_per_layer(kinds[j]));
-    vi += v.size();
-    R r;
-    if (kinds[j] == kGroupBSN) {
-      r = bsn.call(weights[j], v[0], v[1], v[2], v[3], n_power_iterations[j], eps[j], scales[j], update[j],
-                   0.0, std::nullopt, false);
-    } else if (kinds[j] == kGroupSN) {
-      r = sn.call(weights[j], v[0], v[1], dims[j], n_power_iterations[j], eps[j], scales[j], update[j], 0.0,
-                  std::nullopt, false);
-    } else {
-      r = sn.call(weights[j].reshape({weights[j].size(0), -1}), v[0], v[1], 1, n_power_iterations[j],
-                  eps[j], scales[j], update[j], 0.0, std::nullopt, false);
-      std::get<0>(r) = std::get<0>(r).view(weights[j].sizes());
-    }
-    outs.push_back(std::move(std::get<0>(r)));
-    states.push_back(std::move(std::get<1>(r)));
-  }
-  return {std::move(outs), std::move(states)};
-}
-
-std::vector<at::Tensor> group_backward_by_layer(at::TensorList grad_outs, at::TensorList weights,
-                                                at::TensorList states, at::IntArrayRef kinds,
-                                                at::IntArrayRef dims, at::ArrayRef<double> scales) {
-  static auto sn = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bsn_cuda::sn_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         int64_t, double, double, const OptTensor&)>();
-  static auto bsn = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow("bsn_cuda::bsn_backward", "")
-                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          double, double, const OptTensor&)>();
-  prepare_group_backward(grad_outs, weights, states, kinds, dims, scales);
-  std::vector<at::Tensor> grads;
-  for (size_t j = 0; j < weights.size(); ++j) {
-    if (kinds[j] == kGroupBSN) {
-      grads.push_back(bsn.call(grad_outs[j], weights[j], states[j], scales[j], 0.0, std::nullopt));
-    } else if (kinds[j] == kGroupSN) {
-      grads.push_back(sn.call(grad_outs[j], weights[j], states[j], dims[j], scales[j], 0.0, std::nullopt));
-    } else {
-      const int64_t m = weights[j].size(0);
-      grads.push_back(sn.call(grad_outs[j].reshape({m, -1}), weights[j].reshape({m, -1}), states[j], 1,
-                              scales[j], 0.0, std::nullopt)
-                          .view(weights[j].sizes()));
-    }
-  }
-  return grads;
-}
-
-}  // namespace
 }  // namespace bsn
-
-TORCH_LIBRARY_IMPL(bsn_cuda, CUDA, m) {
-  m.impl("group_forward", &bsn::group_forward_by_layer);
-  m.impl("group_backward", &bsn::group_backward_by_layer);
-}
-#else
-}  // namespace bsn
-#endif

@@ -213,18 +213,30 @@ def model_step_table(records):
     lines = ["| suite | layers | forwards | no SN | identity | torch SN | torch legacy | fused SN | fused legacy "
              "| kernel floor | SN cost: torch / fused | fused cost / floor | fused - identity per layer |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    grouped = ["| suite | forwards | compiled torch SN | grouped forward | grouped once | grouped never "
+               "| SN cost: torch / grouped | grouped cost / floor | once / forward (SN cost) "
+               "| grouped - identity per layer |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for suite in dict.fromkeys(r["suite"] for r in records):
         n_layers = sum(count for *_, count in MODEL_SUITES[suite])
         for k in sorted({r["forwards"] for r in records if r["suite"] == suite}):
-            us = {impl: idx.get((suite, k, impl), float("nan")) * 1e6 for impl in IMPLS + ["kernel_floor"]}
-            cost = {impl: us[impl] - us["no_sn"] for impl in IMPLS}
+            names = IMPLS + COMPILED_IMPLS
+            us = {impl: idx.get((suite, k, impl), float("nan")) * 1e6 for impl in names + ["kernel_floor"]}
+            cost = {impl: us[impl] - us["no_sn"] for impl in names}
+            grouped.append(
+                f"| {suite} | {k} | {us['torch_sn_compiled']:.0f} | {us['grouped_forward']:.0f} | "
+                f"{us['grouped_once']:.0f} | {us['grouped_never']:.0f} | "
+                f"{cost['torch_sn'] / cost['grouped_forward']:.2f}x | "
+                f"{cost['grouped_forward'] / us['kernel_floor']:.2f} | "
+                f"{cost['grouped_once'] / cost['grouped_forward']:.2f} | "
+                f"{(us['grouped_forward'] - us['identity']) / n_layers:.1f} µs |")
             lines.append(
                 f"| {suite} | {n_layers} | {k} | {us['no_sn']:.0f} | {us['identity']:.0f} | {us['torch_sn']:.0f} | "
                 f"{us['torch_legacy']:.0f} | {us['fused_sn']:.0f} | {us['fused_legacy']:.0f} | "
                 f"{us['kernel_floor']:.0f} | {cost['torch_sn'] / cost['fused_sn']:.2f}x | "
                 f"{cost['fused_sn'] / us['kernel_floor']:.2f} | "
                 f"{(us['fused_sn'] - us['identity']) / n_layers:.1f} µs |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + "\n".join(grouped)
 
 
 def model_step_grouped_table(records):

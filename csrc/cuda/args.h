@@ -4,6 +4,8 @@
 // takes one argument, its FwdArgs / BwdArgs by value.
 #pragma once
 
+#include <cstdint>
+
 #include "cuda/plan.h"
 
 namespace bsn {
@@ -74,6 +76,50 @@ template <typename scalar_t>
 const void* forward_kernel(FwdKernel k);
 template <typename scalar_t>
 const void* backward_kernel(BwdKernel k);
+
+// ---------------------------------------------------------------------------
+// Grouped launches (launch.cu, "Grouped launches"; group.cuh): one launch per
+// phase step runs that step's phase of every layer of a group. The launch's
+// blocks are cut into runs, one per layer still active at that step: blocks
+// [start, start + nblk) run the layer's phase with the layer-local block id
+// blockIdx.x - start and block count nblk, exactly as that layer's own
+// Multi-mode kernel would with a grid of nblk.
+enum class GroupPhase : int32_t {
+  ATrainFromBuffers,  // forward phases, as FwdKernel's phase kernels
+  ATrain,
+  AEval,
+  B,
+  C,
+  B2,
+  DTrain,
+  DEval,
+  BwDot,  // backward phases, as BwdKernel::Dot / Apply
+  BwApply,
+};
+
+struct GroupEntry {  // one layer's run of blocks in one launch (24 bytes)
+  int64_t start;     // first block of the run
+  int64_t nblk;      // blocks of the run (>= 1)
+  int32_t layer;     // index into GroupLaunch::layers
+  int32_t phase;     // GroupPhase
+};
+
+// The one argument of a grouped kernel: device pointers into the group's
+// table (the per-layer FwdArgs / BwdArgs, then every step's entries, sorted by
+// start; the launch's grid is the last entry's start + nblk).
+template <typename Args>
+struct GroupLaunch {
+  const Args* layers;
+  const GroupEntry* entries;  // this launch's entries
+  int64_t n_entries;
+};
+
+// The address of a grouped kernel (group_<dtype>.cu): forward phases take
+// GroupLaunch<FwdArgs<scalar_t>>, backward ones GroupLaunch<BwdArgs<scalar_t>>.
+template <typename scalar_t>
+const void* group_forward_kernel();
+template <typename scalar_t>
+const void* group_backward_kernel();
 
 }  // namespace cuda
 }  // namespace bsn

@@ -70,21 +70,43 @@
 // every mul+add is an explicit fma_rn / mul_rn / add_rn (common.cuh), so no
 // mode depends on ptxas's contraction choices. All offsets are int64_t.
 //
+// Grouped launches (issue 22; group.cuh, group_cuda.cpp): the layers of one
+// group_forward / group_backward call with one dtype run one launch per phase
+// step. Each layer keeps its own plan (make_forward_plan / make_backward_plan)
+// and its Multi-mode phase sequence (A, B, [C], [B2] per iteration, D; eval A,
+// D; backward BW1, BW2); launch s runs phase s of every layer that has one
+// (shorter sequences drop out of the later launches). A device table holds
+// every layer's FwdArgs / BwdArgs and, per launch, entries {start, nblk,
+// layer, phase} sorted by start; the grouped kernel's block b finds the
+// entry with start <= b < start + nblk and runs that phase's __device__
+// function with (b - start, nblk): the code of the layer's Multi kernel, with
+// a grid of nblk, hence the per-layer bits. nblk: the phase's items, at most
+// one wave of resident blocks of the grouped kernel at the launch's shared
+// memory (the largest of its layers' phases). One device buffer holds the
+// table and every layer's workspace (256-byte aligned); the table is copied
+// (GroupUpload, pinned memory on the stream) before the first launch, and
+// everything is planned and checked before that copy.
+//
 // Files (csrc/cuda): plan.h / plan.cpp  chunks, items, workspace and mode
 // (host integer logic, unit-tested on the CPU); args.h  kernel arguments and
 // kernel tables; common.cuh  device helpers and reductions; forward.cuh
 // phases and kernels of the forward, instantiated per dtype in
-// forward_<dtype>.cu (one translation unit each); backward.cu  the backward's; launch.cu  (this file) grids, occupancy,
-// launches; sn_cuda.cpp  the ops' CUDA dispatch (torch side).
+// forward_<dtype>.cu (one translation unit each); backward.cuh / backward.cu  the backward's;
+// group.cuh / group_<dtype>.cu  the grouped kernels; launch.cu  (this file) grids,
+// occupancy, launches; sn_cuda.cpp  the ops' CUDA dispatch (torch side); group_cuda.cpp
+// the grouped ops' (torch side).
 
 #include "cuda/launch.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -204,11 +226,9 @@ bool try_coop_launch(const void* kernel, int64_t grid, int64_t smem, cudaStream_
   return false;
 }
 
-}  // namespace
-
+// The kernels' argument of one layer (shared by the per-layer and the grouped launches).
 template <typename scalar_t>
-void launch_forward(const ForwardParams& p, const ForwardPlan& plan, void* workspace,
-                    const DeviceInfo& dev, cudaStream_t stream) {
+FwdArgs<scalar_t> fwd_args(const ForwardParams& p, const ForwardPlan& plan, void* workspace) {
   using acc = acc_t<scalar_t>;
   FwdArgs<scalar_t> A;
   A.w = static_cast<const scalar_t*>(p.weight);
@@ -229,6 +249,32 @@ void launch_forward(const ForwardParams& p, const ForwardPlan& plan, void* works
   A.coeff = static_cast<acc>(p.coeff);
   A.gamma = static_cast<const acc*>(p.gamma);
   A.P = plan;
+  return A;
+}
+
+template <typename scalar_t>
+BwdArgs<scalar_t> bwd_args(const BackwardParams& p, const BackwardPlan& plan, void* workspace) {
+  using acc = acc_t<scalar_t>;
+  BwdArgs<scalar_t> A;
+  A.g = static_cast<const scalar_t*>(p.grad_out);
+  A.gw = static_cast<scalar_t*>(p.grad_weight);
+  A.state = static_cast<const acc*>(p.state);
+  A.ws = static_cast<acc*>(workspace);
+  A.w = static_cast<const scalar_t*>(p.weight);
+  A.scale = static_cast<acc>(p.scale);
+  A.scale_k = static_cast<acc>(projected_scale(p.scale, p.coeff));
+  A.coeff = static_cast<acc>(p.coeff);
+  A.gamma = static_cast<const acc*>(p.gamma);
+  A.P = plan;
+  return A;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_forward(const ForwardParams& p, const ForwardPlan& plan, void* workspace,
+                    const DeviceInfo& dev, cudaStream_t stream) {
+  const FwdArgs<scalar_t> A = fwd_args<scalar_t>(p, plan, workspace);
   const int64_t smem_a = plan.a_smem;
   const int64_t smem = plan.scratch_smem;
   auto K = [](FwdKernel k) { return forward_kernel<scalar_t>(k); };
@@ -272,18 +318,7 @@ void launch_forward(const ForwardParams& p, const ForwardPlan& plan, void* works
 template <typename scalar_t>
 void launch_backward(const BackwardParams& p, const BackwardPlan& plan, void* workspace,
                      const DeviceInfo& dev, cudaStream_t stream) {
-  using acc = acc_t<scalar_t>;
-  BwdArgs<scalar_t> A;
-  A.g = static_cast<const scalar_t*>(p.grad_out);
-  A.gw = static_cast<scalar_t*>(p.grad_weight);
-  A.state = static_cast<const acc*>(p.state);
-  A.ws = static_cast<acc*>(workspace);
-  A.w = static_cast<const scalar_t*>(p.weight);
-  A.scale = static_cast<acc>(p.scale);
-  A.scale_k = static_cast<acc>(projected_scale(p.scale, p.coeff));
-  A.coeff = static_cast<acc>(p.coeff);
-  A.gamma = static_cast<const acc*>(p.gamma);
-  A.P = plan;
+  const BwdArgs<scalar_t> A = bwd_args<scalar_t>(p, plan, workspace);
   const int64_t smem = plan.scratch_smem;
   auto K = [](BwdKernel k) { return backward_kernel<scalar_t>(k); };
   if (plan.mode == Mode::Coop) {
@@ -301,11 +336,223 @@ void launch_backward(const BackwardParams& p, const BackwardPlan& plan, void* wo
   launch_or_throw(apply, multi_grid(apply, smem, dev, plan.e_tiles, cap), smem, stream, A);
 }
 
+// ---------------------------------------------------------------------------
+// Grouped launches (see "Grouped launches" at the top of this file).
+namespace {
+
+constexpr int64_t kGroupAlign = 256;  // bytes: each layer's workspace, the workspaces' start
+inline int64_t round_up(int64_t n, int64_t a) { return ceil_div(n, a) * a; }
+
+// A layer's phases in launch order: those of its Multi mode (launch_forward),
+// then grouped launch s runs phase s of every layer that has one.
+std::vector<GroupPhase> forward_steps(const ForwardPlan& P) {
+  std::vector<GroupPhase> s;
+  if (P.update) {
+    for (int it = 0; it < P.n_iter; ++it) {
+      s.push_back(it == 0 ? GroupPhase::ATrainFromBuffers : GroupPhase::ATrain);
+      s.push_back(GroupPhase::B);
+      if (P.has_str) s.push_back(GroupPhase::C);
+      if (it + 1 < P.n_iter) s.push_back(GroupPhase::B2);
+    }
+    s.push_back(GroupPhase::DTrain);
+  } else {
+    s.push_back(GroupPhase::AEval);
+    s.push_back(GroupPhase::DEval);
+  }
+  return s;
+}
+std::vector<GroupPhase> backward_steps(const BackwardPlan&) {
+  return {GroupPhase::BwDot, GroupPhase::BwApply};
+}
+
+// Items of a phase (its Multi-mode grid before the wave cap) and its shared memory.
+int64_t phase_items(const ForwardPlan& P, GroupPhase ph) {
+  switch (ph) {
+    case GroupPhase::ATrainFromBuffers:
+    case GroupPhase::ATrain:
+    case GroupPhase::AEval:
+      return P.a_chunks;
+    case GroupPhase::B:
+      return P.b_items0 + P.b_items1;
+    case GroupPhase::C:
+      return P.c_chunks;
+    case GroupPhase::B2:
+      return ceil_div(std::max<int64_t>(P.cols, P.sv), kThreads);
+    default:
+      return P.e_tiles;
+  }
+}
+int64_t phase_items(const BackwardPlan& P, GroupPhase ph) {
+  return ph == GroupPhase::BwDot ? P.items : P.e_tiles;
+}
+int64_t phase_smem(const ForwardPlan& P, GroupPhase ph) {
+  const bool a = ph == GroupPhase::ATrainFromBuffers || ph == GroupPhase::ATrain ||
+                 ph == GroupPhase::AEval;
+  return a ? P.a_smem : P.scratch_smem;
+}
+int64_t phase_smem(const BackwardPlan& P, GroupPhase) { return P.scratch_smem; }
+
+template <typename Plan>
+int64_t max_steps(const std::vector<Plan>& plans) {
+  size_t n = 0;
+  for (const Plan& P : plans) {
+    if constexpr (std::is_same_v<Plan, ForwardPlan>) {
+      n = std::max(n, forward_steps(P).size());
+    } else {
+      n = std::max(n, backward_steps(P).size());
+    }
+  }
+  return static_cast<int64_t>(n);
+}
+
+// Table and workspaces of a group: [Args x layers][entries of every launch]
+// (uploaded), then the layers' workspaces, each kGroupAlign-aligned.
+template <typename Args, typename Plan, typename StepsOf>
+GroupLayout make_layout(const std::vector<Plan>& plans, int acc_size, const StepsOf& steps_of) {
+  GroupLayout L;
+  const int64_t n = static_cast<int64_t>(plans.size());
+  int64_t entries = 0;
+  for (const Plan& P : plans) {
+    const int64_t k = static_cast<int64_t>(steps_of(P).size());
+    entries += k;
+    L.launches = std::max<int64_t>(L.launches, k);
+  }
+  L.entries_offset = round_up(n * static_cast<int64_t>(sizeof(Args)), 16);
+  L.table_bytes = L.entries_offset + entries * static_cast<int64_t>(sizeof(GroupEntry));
+  int64_t off = round_up(L.table_bytes, kGroupAlign);
+  for (const Plan& P : plans) {
+    L.ws_offset.push_back(off);
+    off += round_up(std::max<int64_t>(P.ws_elems, 1) * acc_size, kGroupAlign);
+  }
+  L.total_bytes = off;
+  return L;
+}
+
+// Fills the table (args of every layer, entries of every launch), uploads it,
+// and makes one launch per step. Everything is planned (and checked) before
+// the upload: an error throws before anything is enqueued.
+template <typename Args, typename Plan, typename StepsOf>
+void run_group(const void* kern, const std::vector<Args>& args, const std::vector<Plan>& plans,
+               const GroupLayout& layout, void* buffer, const DeviceInfo& dev, cudaStream_t stream,
+               const GroupUpload& upload, const StepsOf& steps_of) {
+  const int64_t n = static_cast<int64_t>(plans.size());
+  std::vector<std::vector<GroupPhase>> seq;
+  seq.reserve(n);
+  for (const Plan& P : plans) seq.push_back(steps_of(P));
+  std::vector<GroupEntry> entries;
+  struct Launch {
+    int64_t first, count, grid, smem;
+  };
+  std::vector<Launch> launches;
+  for (int64_t s = 0; s < layout.launches; ++s) {
+    int64_t smem = 0;
+    int grid_cap = 1;
+    for (int64_t l = 0; l < n; ++l) {
+      if (s < static_cast<int64_t>(seq[l].size())) {
+        smem = std::max(smem, phase_smem(plans[l], seq[l][s]));
+        grid_cap = std::max(grid_cap, plans[l].grid_cap);
+      }
+    }
+    TORCH_CHECK(smem <= dev.smem_optin, "bsn_cuda: grouped launch: expected at most ",
+                dev.smem_optin, " bytes of shared memory (the device's opt-in maximum), got ", smem);
+    allow_smem(kern, smem, dev.device);
+    // Each layer's run: its phase's items, at most one wave of resident blocks
+    // (as its Multi-mode grid; the results do not depend on it).
+    const int per_sm = blocks_per_sm(kern, smem, dev);
+    const int64_t wave = per_sm > 0 ? int64_t{per_sm} * dev.sm_count : grid_cap;
+    Launch L{static_cast<int64_t>(entries.size()), 0, 0, smem};
+    for (int64_t l = 0; l < n; ++l) {
+      if (s >= static_cast<int64_t>(seq[l].size())) continue;
+      const GroupPhase ph = seq[l][s];
+      const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(phase_items(plans[l], ph), wave));
+      entries.push_back(GroupEntry{L.grid, nblk, static_cast<int32_t>(l), static_cast<int32_t>(ph)});
+      L.grid += nblk;
+      ++L.count;
+    }
+    TORCH_CHECK(L.grid <= 0x7fffffff, "bsn_cuda: grouped launch: expected a grid of at most ",
+                0x7fffffff, " blocks, got ", L.grid);
+    launches.push_back(L);
+  }
+  TORCH_CHECK(layout.entries_offset + static_cast<int64_t>(entries.size() * sizeof(GroupEntry)) ==
+                  layout.table_bytes && layout.entries_offset >= n * static_cast<int64_t>(sizeof(Args)),
+              "bsn_cuda: grouped launch: the layout does not match the plans");
+  std::vector<unsigned char> table(static_cast<size_t>(layout.table_bytes));
+  std::memcpy(table.data(), args.data(), args.size() * sizeof(Args));
+  std::memcpy(table.data() + layout.entries_offset, entries.data(), entries.size() * sizeof(GroupEntry));
+  upload(table.data(), buffer, layout.table_bytes);
+  unsigned char* base = static_cast<unsigned char*>(buffer);
+  for (const Launch& L : launches) {
+    GroupLaunch<Args> A;
+    A.layers = reinterpret_cast<const Args*>(base);
+    A.entries = reinterpret_cast<const GroupEntry*>(base + layout.entries_offset) + L.first;
+    A.n_entries = L.count;
+    launch_or_throw(kern, static_cast<unsigned>(L.grid), L.smem, stream, A);
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+GroupLayout group_forward_layout(const std::vector<ForwardPlan>& plans) {
+  return make_layout<FwdArgs<scalar_t>>(plans, sizeof(acc_t<scalar_t>), forward_steps);
+}
+
+template <typename scalar_t>
+GroupLayout group_backward_layout(const std::vector<BackwardPlan>& plans) {
+  return make_layout<BwdArgs<scalar_t>>(plans, sizeof(acc_t<scalar_t>), backward_steps);
+}
+
+// One grouped call: every layer's args (its workspace in the buffer), then run_group.
+template <typename Args, typename Params, typename Plan, typename MakeArgs, typename StepsOf>
+void launch_group(const char* what, const void* kern, const std::vector<Params>& params,
+                  const std::vector<Plan>& plans, const GroupLayout& layout, void* buffer,
+                  const DeviceInfo& dev, cudaStream_t stream, const GroupUpload& upload,
+                  const MakeArgs& make_args, const StepsOf& steps_of) {
+  TORCH_CHECK(params.size() == plans.size() && plans.size() == layout.ws_offset.size() && !plans.empty(),
+              "bsn_cuda: grouped ", what, ": expected one plan and one workspace per layer, got ",
+              params.size(), " layers, ", plans.size(), " plans, ", layout.ws_offset.size(),
+              " workspaces");
+  std::vector<Args> args;
+  args.reserve(plans.size());
+  for (size_t l = 0; l < plans.size(); ++l) {
+    args.push_back(make_args(params[l], plans[l], static_cast<unsigned char*>(buffer) + layout.ws_offset[l]));
+  }
+  run_group(kern, args, plans, layout, buffer, dev, stream, upload, steps_of);
+}
+
+template <typename scalar_t>
+void launch_group_forward(const std::vector<ForwardParams>& params,
+                          const std::vector<ForwardPlan>& plans, const GroupLayout& layout,
+                          void* buffer, const DeviceInfo& dev, cudaStream_t stream,
+                          const GroupUpload& upload) {
+  launch_group<FwdArgs<scalar_t>>("forward", group_forward_kernel<scalar_t>(), params, plans, layout,
+                                  buffer, dev, stream, upload, fwd_args<scalar_t>, forward_steps);
+}
+
+template <typename scalar_t>
+void launch_group_backward(const std::vector<BackwardParams>& params,
+                           const std::vector<BackwardPlan>& plans, const GroupLayout& layout,
+                           void* buffer, const DeviceInfo& dev, cudaStream_t stream,
+                           const GroupUpload& upload) {
+  launch_group<BwdArgs<scalar_t>>("backward", group_backward_kernel<scalar_t>(), params, plans, layout,
+                                  buffer, dev, stream, upload, bwd_args<scalar_t>, backward_steps);
+}
+
 #define BSN_INSTANTIATE(T)                                                                   \
   template void launch_forward<T>(const ForwardParams&, const ForwardPlan&, void*,           \
                                   const DeviceInfo&, cudaStream_t);                          \
   template void launch_backward<T>(const BackwardParams&, const BackwardPlan&, void*,        \
-                                   const DeviceInfo&, cudaStream_t);
+                                   const DeviceInfo&, cudaStream_t);                         \
+  template GroupLayout group_forward_layout<T>(const std::vector<ForwardPlan>&);             \
+  template GroupLayout group_backward_layout<T>(const std::vector<BackwardPlan>&);           \
+  template void launch_group_forward<T>(const std::vector<ForwardParams>&,                   \
+                                        const std::vector<ForwardPlan>&, const GroupLayout&, \
+                                        void*, const DeviceInfo&, cudaStream_t,              \
+                                        const GroupUpload&);                                 \
+  template void launch_group_backward<T>(const std::vector<BackwardParams>&,                 \
+                                         const std::vector<BackwardPlan>&,                   \
+                                         const GroupLayout&, void*, const DeviceInfo&,       \
+                                         cudaStream_t, const GroupUpload&);
 
 BSN_INSTANTIATE(float)
 BSN_INSTANTIATE(double)

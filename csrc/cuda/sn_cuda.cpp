@@ -19,11 +19,11 @@
 #include <torch/library.h>
 
 #include "cuda/launch.h"
+#include "cuda/sn_cuda.h"
 #include "host.h"
 
 namespace bsn {
 namespace cuda {
-namespace {
 
 Mode mode_from_env() {
   const char* s = std::getenv("BSN_CUDA_MODE");
@@ -61,17 +61,12 @@ DeviceInfo device_info(Mode mode) {
 
 int acc_size(at::ScalarType dtype) { return dtype == at::kDouble ? 8 : 4; }
 
-void check_cuda(const char* op, const at::Tensor& weight) {
-  TORCH_CHECK(weight.defined() && weight.is_cuda(), op,
-              ": expected weight on a CUDA device (the CUDA kernel runs because an "
-              "argument is on CUDA), got ",
-              weight.defined() ? weight.device().str() : std::string("None"));
-}
-
+namespace {
 at::Tensor workspace(const at::Tensor& like, int64_t elems) {
   return at::empty({elems > 0 ? elems : 1},
                    like.options().dtype(acc_dtype(like.scalar_type())));
 }
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> run_forward(const PreparedForward& prep) {
   const Mode mode = mode_from_env();
@@ -98,6 +93,15 @@ at::Tensor run_backward(const PreparedBackward& prep) {
   });
   return prep.grad_weight;
 }
+
+void check_cuda(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(weight.defined() && weight.is_cuda(), op,
+              ": expected weight on a CUDA device (the CUDA kernel runs because an "
+              "argument is on CUDA), got ",
+              weight.defined() ? weight.device().str() : std::string("None"));
+}
+
+namespace {
 
 // Signatures: mutable (Tensor(a!)) arguments as at::Tensor&, exactly as the CPU
 // backend registers them (the dispatcher requires one C++ signature per op).

@@ -525,3 +525,171 @@ def test_more_than_2_pow_31_elements(kind):
     # G = W: c = <W, W> = sigma^2 and D = u v^T (= W / sigma), so dW = a (W - sigma D) ~ 0.
     g = op_backward(kind, weight, weight, state, 0, 2.0)
     assert g.abs().max().item() <= 2e-2 * 2.0 / sigma * weight.abs().max().item()
+
+
+# ---------------------------------------------------------------------------
+# Grouped ops (issue 22): one launch per phase step for the layers of a dtype
+# (launch.cu, "Grouped launches"), bitwise the per-layer path (BSN_CUDA_GROUP=layers).
+
+# (kind, shape, dim, n_power_iterations, update); kinds: 0 sn, 1 bsn, 2 sn_transposed.
+GROUP_LAYERS = [
+    (0, (64, 27), 0, 1, True),
+    (0, (128, 64, 3, 3), 1, 2, True),
+    (0, (33, 65), 1, 1, False),
+    (1, (7, 5, 3, 3), 0, 1, True),
+    (1, (64, 32, 3, 3), 0, 2, True),
+    (2, (5, 7, 3), 0, 1, True),
+    (0, (300, 1000), 0, 1, True),
+    (1, (5, 2, 64), 0, 1, False),
+    (0, (1000, 3), 0, 3, True),
+    (0, (3, 5, 1, 1), 0, 1, True),
+]
+# Phase A's accumulators of (2, 14000, 1) take ~170 KB of shared memory (opt-in
+# maximum): the launch that holds its phase A asks for that much.
+GROUP_WIDE = [(1, (2, 14000, 1), 0, 1, True), (0, (64, 27), 0, 1, True), (1, (7, 5, 3, 3), 0, 2, False)]
+
+
+def group_phases(kind, shape, dim, n, update):
+    """Phases (launches of the grouped path) of one layer: A, B, [C], [B2] per
+    iteration, then D; eval: A, D."""
+    if not update:
+        return 2
+    strided = kind == 1 or (kind == 0 and numel(shape[: dim % len(shape)]) > 1)
+    return n * (2 + int(strided)) + (n - 1) + 1
+
+
+def group_inputs(layers, dtype, key, share=False):
+    gen = torch.Generator().manual_seed(seed_of("group", key))
+    ws, vs, grads = [], [], []
+    for kind, shape, dim, n, update in layers:
+        ws.append(torch.randn(shape, dtype=torch.float64, generator=gen).to(DEV, dtype))
+        grads.append(torch.randn(shape, dtype=torch.float64, generator=gen).to(DEV, dtype))
+        if kind == 1:
+            sizes = [shape[0], numel(shape) // shape[0], shape[1], numel(shape) // shape[1]]
+        elif kind == 0:
+            sizes = [shape[dim % len(shape)], numel(shape) // shape[dim % len(shape)]]
+        else:
+            sizes = [numel(shape) // shape[0], shape[0]]
+        vs += [unit(m, dtype, DEV, gen) for m in sizes]
+    if share:  # layers 0 and 1 (same shape and kind) share their vectors
+        vs[2], vs[3] = vs[0], vs[1]
+    args = ([l[0] for l in layers], [l[2] for l in layers], [l[3] for l in layers], [1e-12] * len(layers),
+            [1.0 + 0.25 * i for i in range(len(layers))], [l[4] for l in layers])
+    return ws, vs, grads, args
+
+
+def run_group(ws, vs, grads, args, clone=True):
+    vs = [v.clone() for v in vs] if clone else vs
+    outs, states = torch.ops.bsn_cuda.group_forward(ws, vs, *args)
+    gws = torch.ops.bsn_cuda.group_backward(grads, ws, states, args[0], args[1], args[4])
+    return [*outs, *states, *vs, *gws]
+
+
+def group_per_layer():
+    return environment("BSN_CUDA_GROUP", "layers")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_launches_equal_per_layer(dtype):
+    for name, layers in (("mixed", GROUP_LAYERS), ("wide", GROUP_WIDE)):
+        ws, vs, grads, args = group_inputs(layers, dtype, name)
+        got = run_group(ws, vs, grads, args)
+        for mode in ("auto", "multi", "single"):
+            with group_per_layer(), cuda_mode(mode):
+                expected = run_group(ws, vs, grads, args)
+            for i, (a, b) in enumerate(zip(got, expected)):
+                assert_equal(a, b, f"{name} {dtype}: grouped vs per-layer ({mode}), item {i}")
+        # and the reference (the per-layer tests' tolerances)
+        outs = got[: len(layers)]
+        states = got[len(layers): 2 * len(layers)]
+        for j, ((kind, shape, dim, n, update), w, s, o) in enumerate(zip(layers, ws, states, outs)):
+            if kind == 2:
+                continue  # the legacy order: tests/module/test_grouping.py
+            vj = vs[sum(4 if l[0] == 1 else 2 for l in layers[:j]):][: 4 if kind == 1 else 2]
+            ro, _, _ = ref_forward("bsn" if kind == 1 else "sn", w.cpu().double(), [v.cpu().double() for v in vj],
+                                    dim, n, args[4][j], update)
+            assert_close(o.cpu(), ro, dtype, f"{name} layer {j} out")
+
+
+def test_grouped_launch_count():
+    # One launch per phase step (the most phases of any layer), not one per layer and phase;
+    # the backward: 2. No per-layer kernel runs.
+    ws, vs, grads, args = group_inputs(GROUP_LAYERS, torch.float32, "count")
+    states = torch.ops.bsn_cuda.group_forward(ws, [v.clone() for v in vs], *args)[1]
+    fwd = cuda_kernel_names(lambda: torch.ops.bsn_cuda.group_forward(ws, [v.clone() for v in vs], *args))
+    bwd = cuda_kernel_names(lambda: torch.ops.bsn_cuda.group_backward(grads, ws, states, args[0], args[1], args[4]))
+    expected = max(group_phases(*l) for l in GROUP_LAYERS)
+    assert expected == 8  # BSN with 2 iterations
+    assert sum("group_forward_kernel" in n for n in fwd) == expected, fwd
+    assert sum("group_backward_kernel" in n for n in bwd) == 2, bwd
+    for n in fwd + bwd:
+        assert not any(k in n for k in ("phase_", "fused_", "bw_dot", "bw_apply")), n
+    with group_per_layer():
+        per_layer = cuda_kernel_names(lambda: torch.ops.bsn_cuda.group_forward(ws, [v.clone() for v in vs], *args))
+    assert not any("group_forward_kernel" in n for n in per_layer), per_layer
+
+
+def test_grouped_mixed_dtypes_one_sequence_per_dtype():
+    layers = GROUP_LAYERS[:4]
+    w32, v32, g32, a32 = group_inputs(layers, torch.float32, "mixed dtypes")
+    w64, v64, g64, a64 = group_inputs(layers[:2], torch.float64, "mixed dtypes 64")
+    ws, vs, grads = w32 + w64, v32 + v64, g32 + g64
+    args = tuple(x + y for x, y in zip(a32, a64))
+    got = run_group(ws, vs, grads, args)
+    with group_per_layer():
+        expected = run_group(ws, vs, grads, args)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_equal(a, b, f"mixed dtypes: grouped vs per-layer, item {i}")
+    names = cuda_kernel_names(lambda: torch.ops.bsn_cuda.group_forward(ws, [v.clone() for v in vs], *args))
+    n32 = max(group_phases(*l) for l in layers)
+    n64 = max(group_phases(*l) for l in layers[:2])
+    assert sum("group_forward_kernel" in n for n in names) == n32 + n64, names
+
+
+def test_grouped_shared_vectors_run_per_layer_in_list_order():
+    layers = [(0, (64, 27), 0, 1, True), (0, (64, 27), 0, 2, True), (1, (7, 5, 3, 3), 0, 1, True)]
+    ws, vs, grads, args = group_inputs(layers, torch.float32, "shared", share=True)
+    vs_a = [v.clone() for v in vs]
+    vs_a[2], vs_a[3] = vs_a[0], vs_a[1]
+    got = run_group(ws, vs_a, grads, args, clone=False)
+    # the per-layer ops in list order, the second layer seeing the first one's update
+    vs_b = [v.clone() for v in vs]
+    vs_b[2], vs_b[3] = vs_b[0], vs_b[1]
+    expected = []
+    for j, w in enumerate(ws[:2]):
+        expected.append(torch.ops.bsn_cuda.sn_forward(w, vs_b[0], vs_b[1], 0, args[2][j], 1e-12, args[4][j], True))
+    expected.append(torch.ops.bsn_cuda.bsn_forward(ws[2], *vs_b[4:8], 1, 1e-12, args[4][2], True))
+    for j in range(3):
+        assert_equal(got[j], expected[j][0], f"shared vectors: out {j}")
+        assert_equal(got[3 + j], expected[j][1], f"shared vectors: state {j}")
+    for j in range(8):
+        assert_equal(vs_a[j], vs_b[j], f"shared vectors: vector {j}")
+
+
+def test_grouped_graph_capture_matches_eager():
+    # Under capture the grouped op runs per layer (the table copy would re-read host
+    # memory at replay): same bits as eager grouped calls.
+    ws, vs, grads, args = group_inputs(GROUP_LAYERS, torch.float32, "graph")
+    eager_vs = [v.clone() for v in vs]
+    eager = [run_group(ws, eager_vs, grads, args, clone=False) for _ in range(3)]
+    graph_vs = [v.clone() for v in vs]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        warm = [v.clone() for v in vs]
+        run_group(ws, warm, grads, args, clone=False)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run_group(ws, graph_vs, grads, args, clone=False)
+    for expected in eager:
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (a, b) in enumerate(zip(captured, expected)):
+            assert_equal(a, b, f"graph replay of the grouped op, item {i}")
+
+
+def test_bad_group_mode_raises():
+    ws, vs, grads, args = group_inputs(GROUP_LAYERS[:2], torch.float32, "bad")
+    with environment("BSN_CUDA_GROUP", "fast"), pytest.raises(RuntimeError, match="BSN_CUDA_GROUP must be grouped or layers, got 'fast'"):
+        torch.ops.bsn_cuda.group_forward(ws, vs, *args)

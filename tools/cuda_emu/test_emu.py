@@ -16,6 +16,10 @@ LIB.emu_forward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [I64P, ctype
 LIB.emu_set_coop_oversubscribe.argtypes = [ctypes.c_int]
 LIB.emu_set_variant.argtypes = [ctypes.c_double, ctypes.c_void_p, ctypes.c_int]
 LIB.emu_backward.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+VPP = ctypes.POINTER(ctypes.c_void_p)
+I32P = ctypes.POINTER(ctypes.c_int)
+LIB.emu_group_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [VPP] * 7 + [I64P] + [I32P] * 5 + [ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_long, ctypes.c_int]
+LIB.emu_group_backward.argtypes = [ctypes.c_int, ctypes.c_int] + [VPP] * 4 + [I64P] + [I32P] * 3 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
 DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 MODES = {"auto": 0, "single": 1, "coop": 2, "multi": 3, "coop-refused": 2}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -219,6 +223,145 @@ def run_variants(dts, verbose):
     print("ALL OK", count)
 
 
+# ---------------------------------------------------------------------------
+# Grouped launches (launch.cu, "Grouped launches"): one launch per phase step for
+# every layer of a group; bitwise the per-layer launches, launches = the most
+# phases of any layer (not layers x phases).
+
+def _ptrs(ts):
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() if t is not None else None for t in ts])
+
+
+def _ints(xs):
+    return (ctypes.c_int * len(xs))(*xs)
+
+
+def _shapes(ws):
+    flat = []
+    for w in ws:
+        assert w.dim() <= 8
+        flat += list(w.shape) + [1] * (8 - w.dim())
+    return (ctypes.c_int64 * len(flat))(*flat)
+
+
+def has_strided(shape, bsn, dim):
+    if bsn:
+        return True
+    p = 1
+    for s in shape[:dim % len(shape)]:
+        p *= s
+    return p > 1
+
+
+def phases(shape, bsn, dim, n_iter, update):
+    if not update:
+        return 2
+    return n_iter * (2 + int(has_strided(shape, bsn, dim))) + (n_iter - 1) + 1
+
+
+def emu_group_fwd(layers, ws, vecs, dt, scale, sm=2, optin=232448, occ=2):
+    """layers: (shape, bsn, dim, n_iter, update); returns per-layer (out, state, vecs), launches."""
+    vecs = [[v.clone() for v in vs] for vs in vecs]
+    outs = [torch.empty_like(w) for w in ws]
+    states = []
+    for (shape, bsn, dim, n, up), w in zip(layers, ws):
+        k = reference.bsn_state_size(w.shape) if bsn else reference.sn_state_size(w.shape, dim)
+        states.append(torch.full((k,), float("nan"), dtype=ACC(dt)))
+    col = lambda k: [vs[k] if k < len(vs) else None for vs in vecs]
+    rc = LIB.emu_group_forward(DT[dt], len(layers), _ptrs(ws), _ptrs(col(0)), _ptrs(col(1)), _ptrs(col(2)), _ptrs(col(3)), _ptrs(outs), _ptrs(states), _shapes(ws),
+                               _ints([w.dim() for w in ws]), _ints([int(l[1]) for l in layers]), _ints([l[2] % len(l[0]) for l in layers]),
+                               _ints([l[3] for l in layers]), _ints([int(l[4]) for l in layers]), 1e-12, scale, sm, optin, occ)
+    assert rc >= 0, rc
+    return list(zip(outs, states, vecs)), rc
+
+
+def emu_group_bwd(layers, gs, ws, states, dt, scale, sm=2, occ=2):
+    gws = [torch.full_like(w, float("nan")) for w in ws]
+    rc = LIB.emu_group_backward(DT[dt], len(layers), _ptrs(gs), _ptrs(ws), _ptrs(states), _ptrs(gws), _shapes(ws), _ints([w.dim() for w in ws]),
+                                _ints([int(l[1]) for l in layers]), _ints([l[2] % len(l[0]) for l in layers]), scale, sm, occ)
+    assert rc >= 0, rc
+    return gws, rc
+
+
+def check_group(layers, dt, devices=((2, 232448, 2), (5, 49152, 3))):
+    """A group against the per-layer emulated launches (bitwise: every mode
+    gives the per-layer bits, Multi is compared here) and the reference; the
+    group in each emulated device (SMs, opt-in shared memory, blocks per SM)."""
+    scale = 1.3
+    ws, vecs, gs = [], [], []
+    for shape, bsn, dim, n, up in layers:
+        gen = torch.Generator().manual_seed(zlib.crc32(repr(("group", shape, bsn, dim)).encode()))
+        ws.append(torch.randn(shape, dtype=torch.float64, generator=gen).to(dt))
+        vecs.append(vectors(shape, bsn, dim, dt, gen))
+        gs.append(torch.randn(shape, dtype=torch.float64, generator=gen).to(dt))
+    expected_launches = max(phases(*l) for l in layers)
+    per_layer = []
+    for (shape, bsn, dim, n, up), w, vs in zip(layers, ws, vecs):
+        o, st, v, rc = emu_fwd(w, vs, bsn, dim, n, 1e-12, scale, up, "multi")
+        per_layer.append((o, st, v))
+        assert rc % 100 == phases(shape, bsn, dim, n, up), (shape, rc)
+    per_layer_g = [emu_bwd(g, w, st, l[1], l[2], scale, "multi")[0] for l, g, w, (o, st, v) in zip(layers, gs, ws, per_layer)]
+    tag = f"group of {len(layers)} {dt}"
+    for sm, optin, occ in devices:
+        got, launches = emu_group_fwd(layers, ws, vecs, dt, scale, sm, optin, occ)
+        assert launches == expected_launches, (tag, launches, expected_launches)
+        for i, ((o, st, v), (eo, est, ev)) in enumerate(zip(got, per_layer)):
+            what = f"{tag} (sm={sm} optin={optin} occ={occ}) layer {i} {layers[i]}"
+            assert torch.equal(o.nan_to_num(7.0), eo.nan_to_num(7.0)), (what, "out differs from the per-layer launch")
+            assert torch.equal(st.nan_to_num(7.0), est.nan_to_num(7.0)), (what, "state differs from the per-layer launch")
+            for a, b in zip(v, ev):
+                assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (what, "vectors differ from the per-layer launch")
+        gws, blaunches = emu_group_bwd(layers, gs, ws, [p[1] for p in per_layer], dt, scale, sm, occ)
+        assert blaunches == 2, (tag, blaunches)
+        for i, (a, b) in enumerate(zip(gws, per_layer_g)):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (f"{tag} layer {i} {layers[i]}", "grad differs from the per-layer launch")
+    # and the reference (the per-layer launches' own check, on the group's bits)
+    for (shape, bsn, dim, n, up), w, vs, g, (o, st, v), gw in zip(layers, ws, vecs, gs, got, gws):
+        what = f"{tag} {'bsn' if bsn else 'sn'} {shape} dim={dim} n={n} update={up}"
+        ro, rs, rv = ref_fwd(w, vs, bsn, dim, n, 1e-12, scale, up)
+        close(o, ro, dt, what + " out")
+        close(st, rs, dt, what + " state")
+        for a, e in zip(v, rv):
+            close(a, e, dt, what + " vectors")
+        ref_g = reference.bsn_backward(g, w, st, scale) if bsn else reference.sn_backward(g, w, st, dim, scale)
+        sigma = abs(st[0].item()) or 1.0
+        close(gw, ref_g, dt, what + " grad", g.double().abs().max().item() * scale / sigma)
+    return expected_launches
+
+
+# (shape, bsn, dim, n_power_iterations, update): the per-layer cases' shapes.
+GROUPS = [
+    # SN and BSN, every dim kind, train (1 and 2 iterations) and eval, warp and block rows
+    [((64, 27), False, 0, 1, True), ((4, 3, 3, 3), False, 1, 2, True), ((17, 33), False, -1, 1, False),
+     ((4, 3, 3, 3), True, 0, 1, True), ((6, 5, 2), True, 0, 2, True), ((7, 301), False, 0, 1, True),
+     ((1000, 3), False, 1, 2, False), ((3, 301, 1), True, 0, 1, False), ((1, 1), False, 0, 1, True)],
+    # eval only (2 launches), SN along dims 0..3 and BSN
+    [((3, 4, 5, 6), False, 2, 1, False), ((2, 3, 4, 3, 2), False, 3, 1, False), ((33, 65), False, 0, 1, False),
+     ((5, 2, 64), True, 0, 1, False)],
+    # longer and shorter sequences: BSN n=2 (8 phases) beside SN dim 0 n=1 (3) and eval (2)
+    [((16, 8, 5, 5), True, 0, 2, True), ((20, 300), False, 0, 1, True), ((300, 40), False, 1, 2, True),
+     ((3, 5, 1, 1), False, 1, 1, False), ((40, 3, 9), True, 0, 1, True)],
+    # more rows than chunks, many B items, a warp per row with strided pairs
+    [((40, 1000), False, 0, 2, True), ((3000, 2), False, 1, 1, True), ((9, 700, 3), False, 1, 1, True),
+     ((30, 40, 3), True, 0, 2, False)],
+]
+
+
+def run_groups(dts, verbose, quick):
+    t0 = time.time()
+    count = 0
+    for dt in dts:
+        groups = GROUPS if (dt == torch.float32 and not quick) else GROUPS[:1] + GROUPS[2:3]
+        for layers in groups:
+            launches = check_group(layers, dt)
+            count += 1
+            if verbose:
+                print(" ", dt, f"group of {len(layers)} layers: {launches} launches per forward, 2 per backward",
+                      f"{time.time() - t0:.0f}s", flush=True)
+        print(dt, "groups ok", count, f"{time.time() - t0:.0f}s", flush=True)
+    print("ALL OK", count)
+
+
 if __name__ == "__main__":
     # --quick: float32, 12 shapes; --dtypes float64,bfloat16; --every K: every K-th shape
     # (a representative subset when the machine is busy); --bsn-only; -v: a line per case.
@@ -234,6 +377,9 @@ if __name__ == "__main__":
         SN = []
     if "--variants" in sys.argv:  # only the variant cases (issue 23)
         run_variants(dts, verbose)
+        sys.exit(0)
+    if "--group" in sys.argv:  # only the grouped cases (issue 22); float32: all groups, others: 2
+        run_groups(dts, verbose, quick)
         sys.exit(0)
     t0 = time.time()
     count = 0

@@ -93,13 +93,10 @@ def phase(bytes_, bw, rounds_per_block, items, res, lat):
     return max(bytes_ / bw, rounds_per_block * lat * math.ceil(items / res))
 
 
-def forward_time(p, gpu, s=4):
-    """Seconds of one forward (p: a forward plan), s: bytes per weight element."""
+def forward_phases(p, gpu, s=4):
+    """The phases of a forward in Multi / Coop order: (name, bytes, efficiency, dependent rounds
+    of loads per item, items, latency per round), without launches and barriers."""
     E, acc = p["numel"], 4
-    if p["mode"] == 1:  # Single: one block does everything
-        return (p["elem_passes"] * E * s) / SINGLE_BW + p["phases"] * BLOCK_SYNC + COOP_LAUNCH
-    bw = gpu["bw"]
-    t = 0.0
     iters = p["n_iter"] if p["update"] else 1
     rows, cols, chunks, rpc = p["rows"], p["cols"], p["a_chunks"], p["a_rpc"]
     partials = chunks * cols * acc * (1 if p["update"] and p["has_row"] else 0)
@@ -112,12 +109,9 @@ def forward_time(p, gpu, s=4):
         rounds_a = math.ceil(rpc / 8)
     else:
         rounds_a = rpc * math.ceil(cols * s / (256 * 16 * UNROLL["A_fused" if fused else "A"]))
-    extra_l2 = 0.0
-    if not p["a_acc_smem"]:
-        # Accumulators in global memory: every row loads and stores a_narr arrays of cols
-        # entries (L2 traffic: L1 is write-through).
-        extra_l2 = 2 * p["a_narr"] * E * acc
-    res_a = resident(p, gpu, "A")
+    # Accumulators in global memory: every row loads and stores a_narr arrays of cols
+    # entries (L2 traffic: L1 is write-through), at L2 bandwidth: as bytes at bw * L2_BW / bw.
+    extra_l2 = 0.0 if p["a_acc_smem"] else 2 * p["a_narr"] * E * acc
     items_b = p["b_items0"] + p["b_items1"]
     # Phase B, per item: its 32-column slabs, each a warp's chunks (a_chunks / 8 per warp),
     # UNROLL loads in flight, from L2.
@@ -126,19 +120,74 @@ def forward_time(p, gpu, s=4):
     # Phase C: per row, ceil(cols / (group * 4)) rounds (unroll 4); 8 rows at once in warp mode.
     gt = 32 if p["c_warp"] else 256
     rounds_c = math.ceil(p["c_rpc"] / (8 if p["c_warp"] else 1)) * math.ceil(cols / (gt * 4))
+    out = []
     for _ in range(iters):
-        t += phase(E * s + partials, bw * EFF["A"], rounds_a, chunks, res_a, LAT_HBM) + extra_l2 / L2_BW
+        out.append(("A", E * s + partials, EFF["A"], rounds_a, chunks, LAT_HBM, extra_l2))
         if p["update"]:
-            t += phase(partials, bw * EFF["B"], rounds_b, items_b, resident(p, gpu, "B"), LAT_L2)
+            out.append(("B", partials, EFF["B"], rounds_b, items_b, LAT_L2, 0.0))
             if p["has_str"]:
-                t += phase(E * s, bw * EFF["C"], rounds_c, p["c_chunks"], resident(p, gpu, "C"), LAT_L2)
+                out.append(("C", E * s, EFF["C"], rounds_c, p["c_chunks"], LAT_L2, 0.0))
     # Phase D: one round of loads per tile (kEPT elements per thread), W from HBM.
-    t += phase(2 * E * s, bw * EFF["D"], 1, p["e_tiles"], resident(p, gpu, "D"), LAT_HBM)
+    out.append(("D", 2 * E * s, EFF["D"], 1, p["e_tiles"], LAT_HBM, 0.0))
+    return out
+
+
+def forward_time(p, gpu, s=4):
+    """Seconds of one forward (p: a forward plan), s: bytes per weight element."""
+    E = p["numel"]
+    if p["mode"] == 1:  # Single: one block does everything
+        return (p["elem_passes"] * E * s) / SINGLE_BW + p["phases"] * BLOCK_SYNC + COOP_LAUNCH
+    bw = gpu["bw"]
+    t = 0.0
+    for name, bytes_, eff, rounds, items, lat, extra_l2 in forward_phases(p, gpu, s):
+        t += phase(bytes_, bw * eff, rounds, items, resident(p, gpu, name), lat) + extra_l2 / L2_BW
     if p["mode"] == 3:
         t += p["launches"] * LAUNCH_GAP
     else:
         t += COOP_LAUNCH + p["grid_syncs"] * GRID_SYNC
     return t
+
+
+# Grouped launches (launch.cu, "Grouped launches"): launch k runs phase k of every layer.
+GROUP_PER_SM = 2  # the grouped forward kernel's register cap (128 registers, group.cuh)
+TABLE_COPY = 2.5e-6  # the descriptor table's host-to-device copy before the first launch
+TABLE_BW = 25e9  # its bytes over PCIe (pinned)
+
+
+def group_step_time(items, gpu):
+    """One grouped launch. items: per layer (bytes, eff, rounds, items, lat, extra_l2, a_smem).
+    Every layer's run has min(items, wave) blocks; runs share the device, so the launch takes the
+    sum of the bytes at bandwidth, or the slowest run's latency chain times the waves the whole
+    grid needs, whichever is longer."""
+    smem = max(x[6] for x in items)
+    per_sm = max(1, min(GROUP_PER_SM, SM_SMEM // (smem + 1024)))
+    res = gpu["sms"] * per_sm
+    blocks = sum(max(1, min(n, res)) for _, _, _, n, _, _, _ in items)
+    waves = math.ceil(blocks / res)
+    bw_t = sum(b / (gpu["bw"] * e) + x / L2_BW for b, e, _, _, _, x, _ in items)
+    lat_t = max(r * lat * math.ceil(n / max(1, min(n, res))) for _, _, r, n, lat, _, _ in items) * waves
+    return max(bw_t, lat_t) + LAUNCH_GAP
+
+
+def group_forward_time(ps, gpu, s=4, table_bytes=0):
+    """Seconds of one grouped forward of the layers' Multi plans ps."""
+    seqs = []
+    for p in ps:
+        seq = []
+        for name, b, e, r, n, lat, x in forward_phases(p, gpu, s):
+            seq.append((b, e, r, n, lat, x, p["a_smem"] if name == "A" else 0))
+        seqs.append(seq)
+    t = TABLE_COPY + table_bytes / TABLE_BW
+    for k in range(max(len(q) for q in seqs)):
+        t += group_step_time([q[k] for q in seqs if k < len(q)], gpu)
+    return t
+
+
+def group_backward_time(ps, gpu, s=4, table_bytes=0):
+    """Seconds of one grouped backward: BW1 (<G, W>: G and W) and BW2 (G in, grad out)."""
+    steps = [[(2 * p["numel"] * s, EFF["BW"], 1, p["items"], LAT_HBM, 0.0, 0) for p in ps],
+             [(2 * p["numel"] * s, EFF["BW"], 1, p["e_tiles"], LAT_HBM, 0.0, 0) for p in ps]]
+    return TABLE_COPY + table_bytes / TABLE_BW + sum(group_step_time(st, gpu) for st in steps)
 
 
 def backward_time(p, gpu, s=4):
@@ -147,6 +196,67 @@ def backward_time(p, gpu, s=4):
         return 4 * E * s / SINGLE_BW + 2 * BLOCK_SYNC + COOP_LAUNCH
     t = 4 * E * s / (gpu["bw"] * EFF["BW"])
     return t + (2 * LAUNCH_GAP if p["mode"] == 3 else COOP_LAUNCH + GRID_SYNC)
+
+
+FWD_ARGS_BYTES, BWD_ARGS_BYTES, ENTRY_BYTES = 464, 248, 24  # sizeof(FwdArgs<float>), BwdArgs, GroupEntry
+
+
+def group_section(exe, gpu, dev, layers):
+    """An SNGAN CNN D step's spectral norms (every layer: SN training forward, one
+    iteration, and its backward): per-layer ops (each in its Auto mode) against the
+    grouped launches (one per phase step), and the floor the issue sets them against."""
+    shapes = [list(shape) for _, _, shape, _ in layers]
+    multi = [d for d in dev]
+    auto_f, auto_b, grp_f, grp_b = [], [], [], []
+    for shape in shapes:
+        shp = [len(shape), *shape]
+        a_f, a_b, m_f, m_b = plans(exe, [["fwd", 0, 0, 4, 1, 1, 0, *dev, *shp], ["bwd", 0, 0, 4, 1, 1, 0, *dev, *shp],
+                                          ["fwd", 0, 0, 4, 1, 1, 3, *multi, *shp], ["bwd", 0, 0, 4, 1, 1, 3, *multi, *shp]])
+        auto_f.append(a_f)
+        auto_b.append(a_b)
+        grp_f.append(m_f)
+        grp_b.append(m_b)
+    n = len(shapes)
+    steps_f = max(p["phases"] for p in grp_f)
+    table_f = n * FWD_ARGS_BYTES + sum(p["phases"] for p in grp_f) * ENTRY_BYTES
+    table_b = n * BWD_ARGS_BYTES + 2 * n * ENTRY_BYTES
+    per_f = sum(forward_time(p, gpu) for p in auto_f)
+    per_b = sum(backward_time(p, gpu) for p in auto_b)
+    g_f = group_forward_time(grp_f, gpu, table_bytes=table_f)
+    g_b = group_backward_time(grp_b, gpu, table_bytes=table_b)
+    E = sum(math.prod(s) for s in shapes)
+    one_pass = E * 4 / 3.35e12
+    passes = 7 * E * 4 / gpu["bw"]  # forward: W twice, out once; backward: G, W, then G, grad
+    fixed = 2 * TABLE_COPY + (table_f + table_b) / TABLE_BW + (steps_f + 2) * LAUNCH_GAP
+    us = lambda x: f"{x * 1e6:.1f}"
+    return [
+        "## Grouped launches: an SNGAN CNN D step (issue 22)",
+        "",
+        f"The {n} SN layers of the SNGAN CNN discriminator ({', '.join(str(s) for s in shapes)};",
+        f"{E:,} float32 elements, {E * 4 / 1e6:.1f} MB), SN training forward (one power iteration)",
+        "and backward, GPU time of the ops alone. Per layer: each layer's own launches in its Auto",
+        "mode, one after another (the sums of the table above). Grouped (launch.cu, \"Grouped",
+        "launches\"): one launch per phase step for all layers (forward: A, B, D; backward: BW1,",
+        "BW2), each layer's run at most one wave of its phase's items; a launch takes the sum of its",
+        "layers' bytes at bandwidth or the slowest layer's latency chain (times the waves of the",
+        f"whole grid), plus the launch gap; plus the table's copy ({TABLE_COPY * 1e6:.1f} us + bytes at",
+        f"{TABLE_BW / 1e9:.0f} GB/s; {table_f:,} B forward, {table_b:,} B backward) before the first",
+        f"launch; the grouped kernel at {GROUP_PER_SM} blocks per SM.",
+        "",
+        "| | launches | forward | backward | D step (fwd + bwd) |",
+        "|---|---:|---:|---:|---:|",
+        f"| per layer (Auto modes) | {sum(p['launches'] for p in auto_f)} + {sum(p['launches'] for p in auto_b)} | "
+        f"{us(per_f)} | {us(per_b)} | {us(per_f + per_b)} |",
+        f"| grouped | {steps_f} + 2 | {us(g_f)} | {us(g_b)} | {us(g_f + g_b)} |",
+        f"| floor: 7 passes over the weights at {gpu['bw'] / 1e12:.1f} TB/s | | | | {us(passes)} |",
+        f"| one pass over the {E * 4 / 1e6:.1f} MB at 3.35 TB/s (the issue's yardstick) | | | | {us(one_pass)} |",
+        "",
+        f"Grouped / one pass: {(g_f + g_b) / one_pass:.1f}x (per layer: {(per_f + per_b) / one_pass:.1f}x). Of the grouped",
+        f"{us(g_f + g_b)} us, {us(fixed)} are the two table copies and {steps_f + 2} launch gaps; the rest is the phases",
+        f"themselves ({us(g_f + g_b - fixed)} us against the {us(passes)} us of 7 passes at full bandwidth: the phase",
+        "efficiencies and the largest layers' chains of dependent loads).",
+        "",
+    ]
 
 
 def main(argv=None):
@@ -200,6 +310,7 @@ def main(argv=None):
                      f"{us(e_sn)} | {us(fb_sn)} | {us(fb_bsn)} | {f_bsn / f_sn:.2f} | {roof:.0%} |")
     lines += ["", "Measured (fill in from the first GPU run's bench.md / bench.json, same layers): see",
               "tools/gpu/gpu_check.sh's OUTDIR/bench.md.", ""]
+    lines += group_section(exe, gpu, dev, SUITES["sngan_cnn"]["layers"])
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
