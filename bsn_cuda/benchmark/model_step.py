@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 
 import torch
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .environment import environment
 from .host_overhead import Identity
 from .impls import make_layer
 from .suites import SUITES
@@ -207,59 +209,47 @@ def run_model_steps(suites, forwards_list, budget=None, write=print, compiled=Fa
     return records
 
 
-def model_step_table(records):
-    """Markdown: per suite and forward count, µs per step, SN cost (step - no_sn) and ratios."""
+def _suite_rows(records):
+    """(suite, forwards, layers, µs per step by impl, SN cost by impl) for each suite and forward count."""
     idx = {(r["suite"], r["forwards"], r["impl"]): r["median_s"] for r in records}
-    lines = ["| suite | layers | forwards | no SN | identity | torch SN | torch legacy | fused SN | fused legacy "
-             "| kernel floor | SN cost: torch / fused | fused cost / floor | fused - identity per layer |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    grouped = ["| suite | forwards | compiled torch SN | grouped forward | grouped once | grouped never "
-               "| SN cost: torch / grouped | grouped cost / floor | once / forward (SN cost) "
-               "| grouped - identity per layer |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    names = IMPLS + COMPILED_IMPLS
     for suite in dict.fromkeys(r["suite"] for r in records):
         n_layers = sum(count for *_, count in MODEL_SUITES[suite])
         for k in sorted({r["forwards"] for r in records if r["suite"] == suite}):
-            names = IMPLS + COMPILED_IMPLS
             us = {impl: idx.get((suite, k, impl), float("nan")) * 1e6 for impl in names + ["kernel_floor"]}
-            cost = {impl: us[impl] - us["no_sn"] for impl in names}
-            grouped.append(
-                f"| {suite} | {k} | {us['torch_sn_compiled']:.0f} | {us['grouped_forward']:.0f} | "
-                f"{us['grouped_once']:.0f} | {us['grouped_never']:.0f} | "
-                f"{cost['torch_sn'] / cost['grouped_forward']:.2f}x | "
-                f"{cost['grouped_forward'] / us['kernel_floor']:.2f} | "
-                f"{cost['grouped_once'] / cost['grouped_forward']:.2f} | "
-                f"{(us['grouped_forward'] - us['identity']) / n_layers:.1f} µs |")
-            lines.append(
-                f"| {suite} | {n_layers} | {k} | {us['no_sn']:.0f} | {us['identity']:.0f} | {us['torch_sn']:.0f} | "
-                f"{us['torch_legacy']:.0f} | {us['fused_sn']:.0f} | {us['fused_legacy']:.0f} | "
-                f"{us['kernel_floor']:.0f} | {cost['torch_sn'] / cost['fused_sn']:.2f}x | "
-                f"{cost['fused_sn'] / us['kernel_floor']:.2f} | "
-                f"{(us['fused_sn'] - us['identity']) / n_layers:.1f} µs |")
-    return "\n".join(lines) + "\n\n" + "\n".join(grouped)
+            yield suite, k, n_layers, us, {impl: us[impl] - us["no_sn"] for impl in names}
+
+
+def model_step_table(records):
+    """Markdown: per suite and forward count, µs per step, SN cost (step - no_sn) and ratios, per layer."""
+    lines = ["| suite | layers | forwards | no SN | identity | torch SN | torch legacy | fused SN | fused legacy "
+             "| kernel floor | SN cost: torch / fused | fused cost / floor | fused - identity per layer |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for suite, k, n_layers, us, cost in _suite_rows(records):
+        lines.append(
+            f"| {suite} | {n_layers} | {k} | {us['no_sn']:.0f} | {us['identity']:.0f} | {us['torch_sn']:.0f} | "
+            f"{us['torch_legacy']:.0f} | {us['fused_sn']:.0f} | {us['fused_legacy']:.0f} | "
+            f"{us['kernel_floor']:.0f} | {cost['torch_sn'] / cost['fused_sn']:.2f}x | "
+            f"{cost['fused_sn'] / us['kernel_floor']:.2f} | "
+            f"{(us['fused_sn'] - us['identity']) / n_layers:.1f} µs |")
+    return "\n".join(lines)
 
 
 def model_step_grouped_table(records):
     """Markdown: the grouped rows per suite and forward count (SN cost = step - no_sn)."""
-    idx = {(r["suite"], r["forwards"], r["impl"]): r["median_s"] for r in records}
-    grouped = ["| suite | forwards | compiled torch SN | grouped forward | grouped once | grouped never "
-               "| SN cost: torch / grouped | grouped cost / floor | once / forward (SN cost) "
-               "| grouped - identity per layer |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for suite in dict.fromkeys(r["suite"] for r in records):
-        n_layers = sum(count for *_, count in MODEL_SUITES[suite])
-        for k in sorted({r["forwards"] for r in records if r["suite"] == suite}):
-            names = IMPLS + COMPILED_IMPLS
-            us = {impl: idx.get((suite, k, impl), float("nan")) * 1e6 for impl in names + ["kernel_floor"]}
-            cost = {impl: us[impl] - us["no_sn"] for impl in names}
-            grouped.append(
-                f"| {suite} | {k} | {us['torch_sn_compiled']:.0f} | {us['grouped_forward']:.0f} | "
-                f"{us['grouped_once']:.0f} | {us['grouped_never']:.0f} | "
-                f"{cost['torch_sn'] / cost['grouped_forward']:.2f}x | "
-                f"{cost['grouped_forward'] / us['kernel_floor']:.2f} | "
-                f"{cost['grouped_once'] / cost['grouped_forward']:.2f} | "
-                f"{(us['grouped_forward'] - us['identity']) / n_layers:.1f} µs |")
-    return "\n".join(grouped)
+    lines = ["| suite | forwards | compiled torch SN | grouped forward | grouped once | grouped never "
+             "| SN cost: torch / grouped | grouped cost / floor | once / forward (SN cost) "
+             "| grouped - identity per layer |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for suite, k, n_layers, us, cost in _suite_rows(records):
+        lines.append(
+            f"| {suite} | {k} | {us['torch_sn_compiled']:.0f} | {us['grouped_forward']:.0f} | "
+            f"{us['grouped_once']:.0f} | {us['grouped_never']:.0f} | "
+            f"{cost['torch_sn'] / cost['grouped_forward']:.2f}x | "
+            f"{cost['grouped_forward'] / us['kernel_floor']:.2f} | "
+            f"{cost['grouped_once'] / cost['grouped_forward']:.2f} | "
+            f"{(us['grouped_forward'] - us['identity']) / n_layers:.1f} µs |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -269,6 +259,8 @@ def main(argv=None):
     p.add_argument("--forwards", default="1,2,3", help="training forwards per step [1,2,3]")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N) [1]")
     p.add_argument("--compiled", action="store_true", help="add torch SN under torch.compile (slow to compile)")
+    p.add_argument("--json", help="write the records and the environment here")
+    p.add_argument("--markdown", help="write the run's environment and both tables here")
     args = p.parse_args(argv)
     suites = list(MODEL_SUITES) if args.suite == "all" else args.suite.split(",")
     for s in suites:
@@ -276,10 +268,22 @@ def main(argv=None):
             p.error(f"--suite: expected names from {', '.join(MODEL_SUITES)}, got {s!r}")
     torch.set_num_threads(args.threads)
     records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
+    env = environment([torch.device("cpu")])
+    tables = f"{model_step_table(records)}\n\n{model_step_grouped_table(records)}\n"
     print(f"\n== SN cost per training step, µs (median), {args.threads} thread(s), torch {torch.__version__} ==")
-    print(model_step_table(records))
-    print()
-    print(model_step_grouped_table(records))
+    print(tables)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "records": records}, f, indent=1)
+    if args.markdown:
+        load = env.get("loadavg")
+        with open(args.markdown, "w") as f:
+            f.write(f"# SN cost per discriminator step (`python -m bsn_cuda.benchmark.model_step`)\n\n"
+                    f"Run: `{' '.join(env['argv'])}` at commit {(env['git_commit'] or 'unknown')[:7]}, "
+                    f"{env['date'][:10]}; {env['cpu_model']}, {env['cpu_count']} cores, {args.threads} torch "
+                    f"thread(s); torch {env['torch']}; 1-minute load average at the start "
+                    f"{load[0] if load else 'unknown'}. µs per step, medians of interleaved runs "
+                    "(see the module's docstring for what a step is).\n\n" + tables)
 
 
 if __name__ == "__main__":
