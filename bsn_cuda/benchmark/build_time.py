@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -128,10 +129,13 @@ def build_blocks(result):
     cuda = [(f, s) for f, s in files if f.endswith(".cu")]
     slowest_file, slowest = files[0]
     verdict = "under" if slowest <= SLOWEST_FILE_GOAL_S else "OVER"
+    commit = env["git_commit"][:7] + ("-dirty" if env["git_commit"].endswith("-dirty") else "")
+    found = re.search(r"TORCH_CUDA_ARCH_LIST=(\S+?);? ", default["settings"])  # setup.py's "... LIST=a;b; CXX=..."
+    archs = found.group(1) if found else "?"
     lines = [
-        f"Measured at commit {env['git_commit'][:7]}, {env['date'][:10]}, on {env['cpu_model']} "
+        f"Measured at commit {commit}, {env['date'][:10]}, on {env['cpu_model']} "
         f"({env['cpu_count']} cores), torch {env['torch']}, {' '.join(env['nvcc'])}.",
-        f"- Default build ({default['settings'].split('(', 1)[-1].rstrip(')')}): "
+        f"- Default build (no variables set: archs {archs}, MAX_JOBS unset): "
         f"**{_duration(default['wall_s'])}** wall.",
         f"- One arch (9.0), one job at a time: {_duration(per_file['wall_s'])} wall; the slowest translation "
         f"unit is `{slowest_file}`, {slowest:.0f} s ({verdict} the {SLOWEST_FILE_GOAL_S:.0f} s goal); "
