@@ -53,7 +53,9 @@ __all__ = [
 UPDATE_MODES = ("forward", "once", "never")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _KIND_SN, _KIND_BSN, _KIND_T = _group_ops.KIND_SN, _group_ops.KIND_BSN, _group_ops.KIND_SN_TRANSPOSED
-_saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+# The innermost saved-tensor hooks (torch >= 2.5; None before: the recomputation below is then not recognised,
+# the layer takes its own path, and torch's checkpoint refuses the mismatch instead of computing wrongly).
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +208,8 @@ def _intercept(owner, module, weight):
         if outs is not None:
             if grp._weights[i] is weight and outs[i] is not None:
                 return outs[i]
-        elif _context.in_backward_pass() and _saved_tensor_hooks(False) is not None:
+        elif (_context.in_backward_pass() and _saved_tensor_hooks is not None
+              and _saved_tensor_hooks(False) is not None):
             # Non-reentrant activation checkpointing recomputes a part of the model: that part's
             # original forward took the group's tensor and saved nothing for SN; so does this.
             last = grp._last

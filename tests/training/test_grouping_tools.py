@@ -116,6 +116,12 @@ if __name__ != "__main__":
         grouped.blocks[1].forward = lambda h: checkpoint(block, h, use_reentrant=False)
         grouped.blocks[1].inner = block
         plain(x).backward()
+        if not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"):
+            # torch < 2.5 cannot tell the recomputation apart: the layers take their own path there,
+            # and torch's checkpoint refuses the mismatch rather than computing a wrong gradient.
+            with pytest.raises(torch.utils.checkpoint.CheckpointError):
+                grouped(x).backward()
+            return
         grouped(x).backward()
         assert all(torch.equal(a, b) for a, b in zip(_grads(plain), _grads(grouped)))
         assert all(torch.equal(a, b) for a, b in zip(plain.buffers(), grouped.buffers()))
