@@ -135,13 +135,15 @@ def _backward_of_backward(grad_grad, grad_out, weight, state, direction, scale, 
     grad_g = grad_w = grad_gamma = None
     if needs_input_grad[0]:
         grad_g = (scale_t / sigma_eff * h - k * w).to(grad_out.dtype)
-    hg = torch.sum(h * g)
-    c = torch.sum(g * w)
+    want_gamma = gamma is not None and needs_input_grad[gamma_index]
+    if needs_input_grad[1] or want_gamma:  # two reductions over W that only these gradients need
+        hg = torch.sum(h * g)
+        c = torch.sum(g * w)
     if needs_input_grad[1]:
         coef_d = (-scale_t * hg / sigma_eff + 2 * scale_t * c * d / (sigma_eff * sigma_eff)) / sigma_eff
         coef_d = torch.where(flat, torch.zeros_like(sigma), coef_d)
         grad_w = (coef_d * direction - k * g).to(weight.dtype)
-    if gamma is not None and needs_input_grad[gamma_index]:
+    if want_gamma:
         a1 = scale1 / sigma_eff
         grad_gamma = a1 * hg - torch.where(flat, torch.zeros_like(sigma), a1 * c * d / sigma_eff)
         grad_gamma = grad_gamma.reshape(gamma.shape).to(gamma.dtype)
@@ -295,16 +297,17 @@ def bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, 
     return _reference_bsn(weight, u0, v0, u1, v1, n_power_iterations, eps, scale, update, log, *variant)
 
 
-def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
+def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update, *variant):
     """torch's legacy (v-first) power iteration on ``W_mat = weight.reshape(weight.shape[0], -1)``,
     output in the weight's shape; ``u`` (``shape[0]`` elements) and ``v`` are
     torch's vectors, updated in place when ``update``.
 
     It is the op on ``W_mat^T``: ``sn_forward(W_mat, u=v, v=u, dim=1)``, whose
-    state is ``[sigma, v, u]``. Eager calls run as one autograd node (csrc/autograd.h).
+    state is ``[sigma, v, u]``. Eager calls without a ``variant`` (see
+    :func:`sn_forward`) run as one autograd node (csrc/autograd.h).
     """
     # Not while jit traces: the C++ node reshapes outside the dispatcher, which a trace would not record.
-    if (FAST_SN_FORWARD_TRANSPOSED is not None and _has_kernel(weight) and not _is_compiling()
+    if (not variant and FAST_SN_FORWARD_TRANSPOSED is not None and _has_kernel(weight) and not _is_compiling()
             and not _transforms_active() and not torch.jit.is_tracing()):
         result = FAST_SN_FORWARD_TRANSPOSED(weight, u, v, n_power_iterations, eps, scale, update)
         if result is not None:
@@ -313,7 +316,8 @@ def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update):
         raise RuntimeError(
             f"bsn_cuda::sn_forward: expected weight with at least 1 dimension (torch's legacy order), got {weight.dim()}"
         )
-    out, state = sn_forward(weight.reshape(weight.shape[0], -1), v, u, 1, n_power_iterations, eps, scale, update)
+    out, state = sn_forward(weight.reshape(weight.shape[0], -1), v, u, 1, n_power_iterations, eps, scale, update,
+                            None, *variant)
     return out.view(weight.shape), state
 
 

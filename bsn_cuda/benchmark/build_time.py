@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -29,6 +28,8 @@ import tempfile
 import time
 
 from . import markers
+from .environment import cpu_model, git_commit
+from .readme import duration, short_commit
 
 __all__ = ["run_builds", "build_blocks", "markdown_into"]
 
@@ -93,20 +94,14 @@ def run_builds(write=print):
     result = {
         "env": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": _git("rev-parse", "HEAD").strip() + ("-dirty" if _git("status", "--porcelain").strip()
-                                                               else ""),
-            "cpu_model": platform.processor() or platform.machine(),
+            "git_commit": git_commit(),
+            "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "nvcc": subprocess.run([os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
                                     "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:],
         },
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            result["env"]["cpu_model"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     for name, overrides, unset in (("per_file", {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "1"}, ()),
                                    ("default", {}, ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS"))):
         with tempfile.TemporaryDirectory(prefix=f"bsn_build_{name}_") as tree:
@@ -117,11 +112,6 @@ def run_builds(write=print):
     return result
 
 
-def _duration(seconds):
-    m, s = divmod(round(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def build_blocks(result):
     """{"build-time": markdown} for the README."""
     env, per_file, default = result["env"], result["per_file"], result["default"]
@@ -129,15 +119,15 @@ def build_blocks(result):
     cuda = [(f, s) for f, s in files if f.endswith(".cu")]
     slowest_file, slowest = files[0]
     verdict = "under" if slowest <= SLOWEST_FILE_GOAL_S else "OVER"
-    commit = env["git_commit"][:7] + ("-dirty" if env["git_commit"].endswith("-dirty") else "")
+    commit = short_commit(env["git_commit"])
     found = re.search(r"TORCH_CUDA_ARCH_LIST=(\S+?);? ", default["settings"])  # setup.py's "... LIST=a;b; CXX=..."
     archs = found.group(1) if found else "?"
     lines = [
         f"Measured at commit {commit}, {env['date'][:10]}, on {env['cpu_model']} "
         f"({env['cpu_count']} cores), torch {env['torch']}, {' '.join(env['nvcc'])}.",
         f"- Default build (no variables set: archs {archs}, MAX_JOBS unset): "
-        f"**{_duration(default['wall_s'])}** wall.",
-        f"- One arch (9.0), one job at a time: {_duration(per_file['wall_s'])} wall; the slowest translation "
+        f"**{duration(default['wall_s'])}** wall.",
+        f"- One arch (9.0), one job at a time: {duration(per_file['wall_s'])} wall; the slowest translation "
         f"unit is `{slowest_file}`, {slowest:.0f} s ({verdict} the {SLOWEST_FILE_GOAL_S:.0f} s goal); "
         "the CUDA files: " + ", ".join(f"`{os.path.basename(f)}` {s:.0f} s" for f, s in cuda) + ".",
     ]

@@ -14,7 +14,7 @@ import torch
 from .impls import bsn_package, fused_native
 from .timing import peak_bandwidth
 
-__all__ = ["REPO_ROOT", "cpu_model", "environment", "tune_malloc"]
+__all__ = ["REPO_ROOT", "cpu_model", "git_commit", "environment", "tune_malloc"]
 
 # The checkout this package sits in (bsn_cuda/benchmark/ -> the repository root).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,7 +31,7 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _git_commit():
+def git_commit():
     try:
         commit = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=5)
@@ -55,7 +55,7 @@ def environment(devices):
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "argv": ["python -m bsn_cuda.benchmark" if a.endswith(os.path.join("bsn_cuda", "benchmark", "__main__.py"))
                  else a for a in sys.argv],
     }

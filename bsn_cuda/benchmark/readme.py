@@ -16,25 +16,30 @@ from . import markers
 from .report import disturbed, e2e_table, host_table, load_note, status_text, summary_table
 from .suites import FUSED
 
-__all__ = ["speed_blocks", "markdown_into"]
+__all__ = ["speed_blocks", "markdown_into", "short_commit", "duration"]
 
 
-def _duration(seconds):
+def short_commit(commit):
+    """A recorded commit as written in the README: 7 hex digits, and "-dirty" if it was."""
+    commit = commit or "unknown"
+    return commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
+def duration(seconds):
     m, s = divmod(round(seconds), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def run_block(result, source=None):
     env, cfg = result["env"], result["config"]
-    commit = env.get("git_commit") or "unknown"
-    commit = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+    commit = short_commit(env.get("git_commit"))
     saved = f"[{source}]({source})" if source else "not saved (no --json)"
     lines = [
         f"The run: `{' '.join(env['argv'])}`, at commit {commit}, {env['date'][:10]}"
         + (", `--quick`" if cfg.get("quick") else "") + f"; result {saved}.",
         f"Machine: {env['cpu_model']}, {env['cpu_count']} cores, {env['torch_num_threads']} torch threads; "
         f"torch {env['torch']}, {cfg['dtype']}, malloc {env.get('malloc', 'default')}"
-        + (f"; {_duration(result['elapsed_s'])} for the whole run" if result.get("elapsed_s") else "") + ".",
+        + (f"; {duration(result['elapsed_s'])} for the whole run" if result.get("elapsed_s") else "") + ".",
     ]
     n_cpu, retried, bad = disturbed(result)
     if n_cpu:

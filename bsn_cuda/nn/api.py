@@ -187,8 +187,6 @@ def _convert_parametrized(module):
 
 
 def _legacy_to_parametrized(module):
-    from .compat import _unwrap_hook
-
     for key, fn in list(module._forward_pre_hooks.items()):
         if not isinstance(fn, TorchLegacySpectralNorm):
             continue
@@ -197,14 +195,7 @@ def _legacy_to_parametrized(module):
         u = module._buffers[name + "_u"]
         v = module._buffers[name + "_v"]
         del module._forward_pre_hooks[key]
-        for hooks, kind in (
-            (module._state_dict_hooks, legacy.SpectralNormStateDictHook),
-            (module._load_state_dict_pre_hooks, legacy.SpectralNormLoadStateDictPreHook),
-        ):
-            for hook_key, hook in list(hooks.items()):
-                inner = _unwrap_hook(hook)
-                if isinstance(inner, kind) and inner.fn.name == name:
-                    del hooks[hook_key]
+        legacy.drop_state_dict_hooks(module, name)
         delattr(module, name)  # the plain tensor the hook assigned
         delattr(module, name + "_orig")
         delattr(module, name + "_u")

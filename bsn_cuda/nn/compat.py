@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from .parametrizations import SpectralNorm
 
-__all__ = ["add_legacy_checkpoint_hook", "remove_legacy_checkpoint_hook", "solve_v"]
+__all__ = ["add_legacy_checkpoint_hook", "remove_legacy_checkpoint_hook", "solve_v", "unwrap_hook"]
 
 
 @torch.no_grad()
@@ -58,13 +58,13 @@ class _LegacyCheckpointPreHook:
             state_dict[v_key] = solve_v(w_mat, state_dict[u_key], sigma)
 
 
-def _unwrap_hook(hook):
+def unwrap_hook(hook):
     return getattr(hook, "hook", hook)  # torch wraps hooks in _WrappedHook
 
 
 def add_legacy_checkpoint_hook(module, name):
     for hook in module._load_state_dict_pre_hooks.values():
-        inner = _unwrap_hook(hook)
+        inner = unwrap_hook(hook)
         if isinstance(inner, _LegacyCheckpointPreHook) and inner.name == name:
             return
     module._register_load_state_dict_pre_hook(_LegacyCheckpointPreHook(name), with_module=True)
@@ -72,6 +72,6 @@ def add_legacy_checkpoint_hook(module, name):
 
 def remove_legacy_checkpoint_hook(module, name):
     for key, hook in list(module._load_state_dict_pre_hooks.items()):
-        inner = _unwrap_hook(hook)
+        inner = unwrap_hook(hook)
         if isinstance(inner, _LegacyCheckpointPreHook) and inner.name == name:
             del module._load_state_dict_pre_hooks[key]

@@ -39,10 +39,11 @@ from torch import nn
 
 from .. import _checks, _context, _ops, onnx_export
 from . import eval_cache
+from .compat import unwrap_hook
 
 __all__ = [
     "FusedLegacySpectralNorm", "SpectralNormStateDictHook", "SpectralNormLoadStateDictPreHook", "spectral_norm",
-    "remove_spectral_norm", "fuse_legacy_hook", "legacy_hook",
+    "remove_spectral_norm", "fuse_legacy_hook", "legacy_hook", "drop_state_dict_hooks",
 ]
 
 _TORCH_LEGACY = sys.modules["torch.nn.utils.spectral_norm"]
@@ -70,36 +71,21 @@ def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transpose
     """
     if transposed is None:
         transposed = update
-    if coeff is not None:
-        return _soft_legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transposed, float(coeff))
+    variant = () if coeff is None else (float(coeff), None, False)
     if not transposed:
         # No iteration: sigma = u^T W_mat v is the same in either orientation,
         # and the op along `dim` reads W row by row in one pass. (A 1-D weight
         # is the matrix [n, 1], as in torch.)
         if weight.ndim == 1:
-            out, state = _ops.sn_forward(weight.reshape(-1, 1), u, v, 0, n_power_iterations, eps, 1.0, False)
+            out, state = _ops.sn_forward(weight.reshape(-1, 1), u, v, 0, n_power_iterations, eps, 1.0, False, None,
+                                         *variant)
             return out.view(weight.shape), state
-        return _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, 1.0, False)
+        return _ops.sn_forward(weight, u, v, dim, n_power_iterations, eps, 1.0, False, None, *variant)
     if dim == 0:
-        return _ops.sn_forward_transposed(weight, u, v, n_power_iterations, eps, 1.0, update)
+        return _ops.sn_forward_transposed(weight, u, v, n_power_iterations, eps, 1.0, update, *variant)
     moved = weight.movedim(dim, 0)
-    out, state = _ops.sn_forward_transposed(moved, u, v, n_power_iterations, eps, 1.0, update)
+    out, state = _ops.sn_forward_transposed(moved, u, v, n_power_iterations, eps, 1.0, update, *variant)
     return out.movedim(0, dim), state
-
-
-def _soft_legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transposed, coeff):
-    # legacy_forward's orientations, through the op with the coeff argument.
-    variant = (coeff, None, False)
-    if not transposed:
-        w = weight.reshape(-1, 1) if weight.ndim == 1 else weight
-        out, state = _ops.sn_forward(w, u, v, 0 if weight.ndim == 1 else dim, n_power_iterations, eps, 1.0, False,
-                                     None, *variant)
-        return out.view(weight.shape), state
-    moved = weight.movedim(dim, 0) if dim != 0 else weight
-    w_mat = moved.reshape(moved.shape[0], -1)
-    out, state = _ops.sn_forward(w_mat, v, u, 1, n_power_iterations, eps, 1.0, update, None, *variant)
-    out = out.view(moved.shape)
-    return (out.movedim(0, dim) if dim != 0 else out), state
 
 
 class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
@@ -162,13 +148,12 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
         d = module.__dict__
         params, buffers = d["_parameters"], d["_buffers"]
         training = module.training
+        # A group's hand-off or an update mode (bsn_cuda.nn.grouping) answers first, when set.
         weight = self._intercept(self, module) if self._intercept is not None else None
-        if weight is not None:
-            pass
-        elif type(self).compute_weight is not _FUSED_COMPUTE_WEIGHT:
+        if weight is None and type(self).compute_weight is not _FUSED_COMPUTE_WEIGHT:
             # A subclass (DUE-style) computes the weight its own way: call it, as torch's hook does.
             weight = self.compute_weight(module, training)
-        else:
+        elif weight is None:
             # A training forward re-run by activation checkpointing (inside
             # backward) does not iterate again, but builds the same graph.
             update = training and not _context.in_backward_pass()
@@ -281,12 +266,15 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
     return module
 
 
-def _drop_hook(hooks, kind, name):
-    for key, hook in list(hooks.items()):
-        inner = getattr(hook, "hook", hook)  # torch may store a hook wrapped (_WrappedHook)
-        if isinstance(inner, kind) and inner.fn.name == name:
-            del hooks[key]
-            return
+def drop_state_dict_hooks(module, name):
+    """Remove the legacy SN's state-dict and load-state-dict hooks of ``module.<name>``
+    (torch's remove misses the load hook when torch stored it wrapped)."""
+    for hooks, kind in ((module._state_dict_hooks, SpectralNormStateDictHook),
+                        (module._load_state_dict_pre_hooks, SpectralNormLoadStateDictPreHook)):
+        for key, hook in list(hooks.items()):
+            inner = unwrap_hook(hook)
+            if isinstance(inner, kind) and inner.fn.name == name:
+                del hooks[key]
 
 
 def remove_spectral_norm(module, name="weight"):
@@ -305,6 +293,5 @@ def remove_spectral_norm(module, name="weight"):
             break
     else:
         raise ValueError(f"spectral_norm of '{name}' not found in {module}")
-    _drop_hook(module._state_dict_hooks, SpectralNormStateDictHook, name)
-    _drop_hook(module._load_state_dict_pre_hooks, SpectralNormLoadStateDictPreHook, name)
+    drop_state_dict_hooks(module, name)
     return module
