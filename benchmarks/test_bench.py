@@ -241,3 +241,34 @@ def test_model_step_grouped_rows_and_table():
     cells = [c.strip() for c in M.model_step_grouped_table(records).splitlines()[-1].split("|")[1:-1]]
     # (500-100)/(180-100); (180-100)/50; (140-100)/(180-100); (180-120)/8
     assert cells == ["sngan_cnn", "2", "300", "180", "140", "150", "5.00x", "1.60", "0.50", "7.5 µs"]
+
+
+def test_model_step_goals_use_the_quartile_band():
+    from bsn_cuda.benchmark import model_step as M
+
+    def rec(suite, k, impl, med, q1, q3):
+        return {"suite": suite, "forwards": k, "impl": impl, "median_s": med * 1e-6, "q1_s": q1 * 1e-6,
+                "q3_s": q3 * 1e-6}
+
+    records = [rec("tiny_linear16", 1, "no_sn", 100, 99, 101), rec("tiny_linear16", 1, "identity", 200, 199, 201),
+               rec("tiny_linear16", 1, "grouped_forward", 272, 271, 273),  # 2 µs per layer above identity
+               rec("tiny_linear16", 1, "kernel_floor", 100, 99, 101),  # cost 172 / floor 100: not met
+               rec("tiny_linear16", 2, "no_sn", 100, 90, 110), rec("tiny_linear16", 2, "grouped_forward", 300, 290, 310),
+               rec("tiny_linear16", 2, "grouped_once", 210, 200, 220),  # 110 / 200 = 0.55: within the band
+               rec("tiny_linear16", 2, "kernel_floor", 200, 195, 205)]
+    rows = [(goal, k, round(value, 3), status) for goal, _, k, value, _, status in M.judge_model_goals(records)]
+    floor, host, once = (goal for goal, *_ in M.MODEL_GOALS)
+    assert rows == [(floor, 1, 1.72, "NOT met"), (floor, 2, 1.0, "met"), (host, 1, 2.0, "met"),
+                    (once, 2, 0.55, "within noise")]  # 0.55 < 0.6, but its band reaches 0.41 .. 0.72
+    assert "| grouped - identity <= 3 µs per layer, fwd+bwd | tiny_linear16 | 1 | 2.00 |" in M.model_goals_table(records)
+
+
+def test_model_step_breakdown_parts_add_up():
+    from bsn_cuda.benchmark import model_step as M
+
+    us = {"identity_forward": 100, "identity_step": 300, "grouped_forward": 190, "grouped_step": 430,
+          "group_compute": 60, "group_op_forward": 40, "group_op_backward": 20}
+    rows = dict(M.breakdown_rows({k: {"median_s": v * 1e-6} for k, v in us.items()}, n_layers=10))
+    parts = [v for k, v in rows.items() if not k.startswith("total")]
+    total = rows["total above identity, forward + backward"]
+    assert total == pytest.approx(13.0) and sum(parts) == pytest.approx(total)  # (90 + 40) / 10

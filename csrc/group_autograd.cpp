@@ -58,6 +58,14 @@ std::vector<at::Tensor> call_group_backward(at::TensorList grad_outs, at::Tensor
   return op.call(grad_outs, weights, states, kinds, dims, scales);
 }
 
+// Where a weight's storage lives (0 for wrappers and fakes under a tracer, whose data cannot be read).
+int64_t storage_address(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const c10::DispatchKeySet traced{c10::DispatchKey::Python, c10::DispatchKey::Functionalize};
+  if (!impl->has_storage() || impl->key_set().has_any(traced)) return 0;
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(impl->storage().data()));
+}
+
 class GroupForward : public torch::autograd::Function<GroupForward> {
  public:
   // Compiled autograd may trace the backward: it only calls dispatcher ops.
@@ -71,14 +79,18 @@ class GroupForward : public torch::autograd::Function<GroupForward> {
     // output unused, e.g. replaced by a newer one under update="once") may change meanwhile,
     // as it may per layer, where it has a node of its own.
     ctx->save_for_backward(states);
+    // The data pointers too: a write the version counter does not see (`.data = t`, a storage
+    // freed or resized, as FSDP2 does when it reshards) must not reach the backward silently.
     c10::List<at::Tensor> kept;
-    std::vector<int64_t> versions;
+    std::vector<int64_t> versions, pointers;
     for (const at::Tensor& w : weights) {
       kept.push_back(w);
       versions.push_back(w.requires_grad() ? static_cast<int64_t>(w._version()) : -1);
+      pointers.push_back(storage_address(w));
     }
     ctx->saved_data["weights"] = kept;
     ctx->saved_data["versions"] = versions;
+    ctx->saved_data["pointers"] = pointers;
     ctx->set_materialize_grads(false);
     ctx->saved_data["kinds"] = args->kinds.vec();
     ctx->saved_data["dims"] = args->dims.vec();
@@ -98,6 +110,7 @@ class GroupForward : public torch::autograd::Function<GroupForward> {
     const size_t n = saved.size();
     const c10::List<at::Tensor> weights = ctx->saved_data["weights"].toTensorList();
     const std::vector<int64_t> versions = ctx->saved_data["versions"].toIntVector();
+    const std::vector<int64_t> pointers = ctx->saved_data["pointers"].toIntVector();
     const std::vector<int64_t> kinds = ctx->saved_data["kinds"].toIntVector();
     const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
     const std::vector<double> scales = ctx->saved_data["scales"].toDoubleVector();
@@ -113,6 +126,11 @@ class GroupForward : public torch::autograd::Function<GroupForward> {
                   "inplace operation: weights[", i, "] of bsn_cuda::group_forward (shape ",
                   weight.sizes(), ") is at version ", weight._version(), "; expected version ",
                   versions[i], " instead");
+      TORCH_CHECK(storage_address(weight) == pointers[i],
+                  "bsn_cuda::group_forward's backward: expected weights[", i, "] (shape ", weight.sizes(),
+                  ") to hold the memory it had in the forward, got a tensor whose storage was replaced or "
+                  "freed in between (e.g. `.data = t`, or FSDP2 resharding a grouped weight); such a "
+                  "layer must run per layer (bsn_cuda.ungroup_spectral_norm)");
       index.push_back(i);
       g.push_back(grads[i]);
       w.push_back(weight);

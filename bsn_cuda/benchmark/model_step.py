@@ -49,8 +49,9 @@ from .impls import make_layer
 from .suites import SUITES
 from .timing import Budget, time_cpu_interleaved, warm_up_cpu
 
-__all__ = ["MODEL_SUITES", "IMPLS", "build_model", "run_model_steps", "kernel_floor", "model_step_table",
-           "model_step_grouped_table"]
+__all__ = ["MODEL_SUITES", "IMPLS", "MODEL_GOALS", "build_model", "run_model_steps", "kernel_floor",
+           "kernel_floor_hot", "grouped_breakdown", "breakdown_rows", "breakdown_table", "model_step_table",
+           "model_step_grouped_table", "judge_model_goals", "model_goals_table", "render"]
 
 
 def _bert_layers():
@@ -124,8 +125,11 @@ def build_model(suite, impl, seed=0):
     return model
 
 
-def _step(model, forwards, impl=""):
-    run = torch.compile(model) if impl == "torch_sn_compiled" else model
+def _step(model, forwards, impl="", compiled_runs=None):
+    run = model
+    if impl == "torch_sn_compiled":
+        compiled_runs = {} if compiled_runs is None else compiled_runs
+        run = compiled_runs.setdefault(id(model), torch.compile(model))
 
     def call():
         loss = run()
@@ -154,14 +158,50 @@ def _step(model, forwards, impl=""):
     return call, reset
 
 
-def kernel_floor(suite, forwards, budget):
-    """Seconds per step of the fused ops alone: ``forwards`` SN forwards and one backward per layer.
+def _floor_layers(suite):
+    """Preallocated (weight, u, v, grad_out) for every SN layer of the suite, as many as the model has."""
+    tensors = []
+    for i, (_, kind, shape, count) in enumerate(MODEL_SUITES[suite]):
+        for j in range(count):
+            w = make_layer(kind, shape, seed=100 * i + j).weight.detach()
+            u = F.normalize(torch.randn(w.shape[0]), dim=0)
+            v = F.normalize(torch.randn(w[0].numel()), dim=0)
+            tensors.append((w, u, v, torch.ones_like(w)))
+    return tensors
 
-    Preallocated weight, vectors and gradient; the forward through the C++
-    entry point under no_grad (no autograd node), the backward through
-    ``torch.ops.bsn_cuda.sn_backward``. Each layer is timed on its own
-    (median), and the floors are summed over the model's layers.
+
+def kernel_floor(suite, forwards, budget):
+    """Seconds per step of the fused ops alone, as one sequence over the model's layers.
+
+    Every layer has its own preallocated weight, vectors and gradient; a step is
+    ``forwards`` passes of SN forwards over all layers (the C++ entry point under
+    no_grad: no autograd node), then one ``torch.ops.bsn_cuda.sn_backward`` per
+    layer in reverse order, as a training step orders them. No module,
+    parametrization or autograd machinery. Timing the layers as one sequence
+    makes the floor pay the same cache misses as a step (a model's weights,
+    outputs and gradients together outgrow the L2); ``kernel_floor_hot`` times
+    each layer alone, its tensors hot in cache, and sums.
     """
+    from .. import _ops
+
+    layers = _floor_layers(suite)
+    states = [None] * len(layers)
+
+    def sequence():
+        with torch.no_grad():
+            for _ in range(forwards):
+                for i, (w, u, v, _) in enumerate(layers):
+                    states[i] = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1]
+        for i in reversed(range(len(layers))):
+            w, _, _, g = layers[i]
+            torch.ops.bsn_cuda.sn_backward(g, w, states[i], 0, 1.0)
+
+    warm_up_cpu(sequence, lambda: None, budget)
+    return time_cpu_interleaved({"floor": (sequence, lambda: None)}, budget)["floor"]
+
+
+def kernel_floor_hot(suite, forwards, budget):
+    """Seconds per step: each distinct layer shape's ops timed alone (hot in cache), times its count, summed."""
     from .. import _ops
 
     total = 0.0
@@ -170,17 +210,15 @@ def kernel_floor(suite, forwards, budget):
         u = F.normalize(torch.randn(w.shape[0]), dim=0)
         v = F.normalize(torch.randn(w[0].numel()), dim=0)
         g = torch.ones_like(w)
-        state = [None]
 
         def call():
             with torch.no_grad():
                 for _ in range(forwards):
-                    out, state[0] = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)
-            torch.ops.bsn_cuda.sn_backward(g, w, state[0], 0, 1.0)
+                    state = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1]
+            torch.ops.bsn_cuda.sn_backward(g, w, state, 0, 1.0)
 
         warm_up_cpu(call, lambda: None, budget)
-        st = time_cpu_interleaved({"floor": (call, lambda: None)}, budget)["floor"]
-        total += st["median_s"] * count
+        total += time_cpu_interleaved({"floor": (call, lambda: None)}, budget)["floor"]["median_s"] * count
     return total
 
 
@@ -191,22 +229,123 @@ def run_model_steps(suites, forwards_list, budget=None, write=print, compiled=Fa
     records = []
     for suite in suites:
         base = {impl: build_model(suite, impl) for impl in impls}
+        compiled_runs = {}  # one compiled module per suite, reused for every k (compiling takes a while)
         for forwards in forwards_list:
             t0 = time.perf_counter()
             cases, keep = {}, []
             for impl in impls:
-                model = copy.deepcopy(base[impl])  # fresh vectors for every k
-                call, reset = _step(model, forwards, impl)
+                # Fresh vectors for every k, except under torch.compile (a new module would recompile).
+                model = base[impl] if impl in COMPILED_IMPLS else copy.deepcopy(base[impl])
+                call, reset = _step(model, forwards, impl, compiled_runs)
                 warm_up_cpu(call, reset, budget)
                 cases[impl] = (call, reset)
                 keep.append(model)
             for impl, st in time_cpu_interleaved(cases, budget).items():
                 records.append(dict(st, suite=suite, forwards=forwards, impl=impl))
-            floor = kernel_floor(suite, forwards, Budget(warmup=2, min_reps=10, max_reps=200, min_time=0.05,
-                                                         max_time=0.3))
-            records.append({"suite": suite, "forwards": forwards, "impl": "kernel_floor", "median_s": floor})
+            floor_budget = Budget(warmup=2, min_reps=10, max_reps=200, min_time=0.1, max_time=0.6)
+            floor = kernel_floor(suite, forwards, floor_budget)
+            records.append(dict(floor, suite=suite, forwards=forwards, impl="kernel_floor"))
+            records.append({"suite": suite, "forwards": forwards, "impl": "kernel_floor_hot",
+                            "median_s": kernel_floor_hot(suite, forwards, floor_budget)})
             write(f"  {suite}, {forwards} forward(s): {time.perf_counter() - t0:.1f} s")
     return records
+
+
+def _captured_group_call(model):
+    """The arguments of the group_forward call a training forward of ``model`` makes."""
+    from .. import _group_ops
+
+    captured = []
+    real = _group_ops.group_forward
+
+    def spy(*args):
+        captured.append(args)
+        return real(*args)
+
+    _group_ops.group_forward = spy
+    try:
+        model.__dict__["_bsn_spectral_norm_group"].compute()
+    finally:
+        _group_ops.group_forward = real
+    return captured[0]
+
+
+BREAKDOWN_PARTS = ["identity_forward", "identity_step", "grouped_forward", "grouped_step", "group_compute",
+                   "group_op_forward", "group_op_backward"]
+
+
+def grouped_breakdown(suite, budget=None):
+    """Where a grouped training step's host time goes, above an identity parametrization (1 forward).
+
+    Timed interleaved, each on its own model: the forward alone and the step
+    (forward + backward) of the identity and the grouped (update="forward")
+    models; the group's pre-hook work alone (``SpectralNormGroup.compute``);
+    the op alone on the same arguments (``bsn_cuda._C.group_forward``, with its
+    autograd node); ``bsn_cuda::group_backward`` alone on preallocated
+    gradients. Returns ``{part: stats}``; :func:`breakdown_table` derives the
+    per-layer parts from them.
+    """
+    from .. import _group_ops
+
+    budget = budget or Budget(warmup=3, min_reps=20, max_reps=400, min_time=0.4, max_time=2.0)
+    identity, grouped = build_model(suite, "identity"), build_model(suite, "grouped_forward")
+    group = grouped.__dict__["_bsn_spectral_norm_group"]
+    args = _captured_group_call(grouped)
+    weights, _, kinds, dims, _, _, scales, _, _ = args
+    _, states = _group_ops.group_forward(*[list(a) if isinstance(a, list) else a for a in args])
+    detached = [w.detach() for w in weights]
+    grads = [torch.ones_like(w) for w in detached]
+    params = {m: list(m.parameters()) for m in (identity, grouped)}
+
+    def step(model):
+        def call():
+            for p in params[model]:
+                p.grad = None
+            model().backward()
+        return call
+
+    def forward(model):
+        return lambda: model()
+
+    nothing = lambda: None  # noqa: E731
+    cases = {
+        "identity_forward": (forward(identity), nothing),
+        "identity_step": (step(identity), nothing),
+        "grouped_forward": (forward(grouped), nothing),
+        "grouped_step": (step(grouped), nothing),
+        "group_compute": (group.compute, nothing),
+        "group_op_forward": (lambda: _group_ops.group_forward(*args), nothing),
+        "group_op_backward": (lambda: torch.ops.bsn_cuda.group_backward(grads, detached, states, kinds, dims,
+                                                                          scales), nothing),
+    }
+    for call, reset in cases.values():
+        warm_up_cpu(call, reset, budget)
+    return time_cpu_interleaved(cases, budget)
+
+
+def breakdown_rows(stats_by_part, n_layers):
+    """``[(part, µs per layer)]``: the grouped step's time above identity's, split by where it goes."""
+    us = {k: v["median_s"] * 1e6 / n_layers for k, v in stats_by_part.items()}
+    forward_extra = us["grouped_forward"] - us["identity_forward"]
+    backward_extra = ((us["grouped_step"] - us["grouped_forward"])
+                      - (us["identity_step"] - us["identity_forward"]))
+    return [
+        ("group op forward (C++: checks, allocations, kernels, autograd node)", us["group_op_forward"]),
+        ("group pre-hook in Python (reading each layer's tensors and settings)",
+         us["group_compute"] - us["group_op_forward"]),
+        ("hand-off to each layer (its parametrization returns the group's tensor)",
+         forward_extra - us["group_compute"]),
+        ("group op backward (C++: checks, allocations, kernels)", us["group_op_backward"]),
+        ("backward node and engine (one node, an edge per layer)", backward_extra - us["group_op_backward"]),
+        ("total above identity, forward + backward", forward_extra + backward_extra),
+    ]
+
+
+def breakdown_table(stats_by_part, suite):
+    n_layers = sum(count for *_, count in MODEL_SUITES[suite])
+    lines = [f"| grouped step, {suite} ({n_layers} layers), 1 forward | µs per layer |", "|---|---:|"]
+    lines += [f"| {part} | {value:.1f} |" for part, value in breakdown_rows(stats_by_part, n_layers)]
+    return "\n".join(lines)
 
 
 def _suite_rows(records):
@@ -252,38 +391,130 @@ def model_step_grouped_table(records):
     return "\n".join(lines)
 
 
+def _cost_band(records, suite, k, impl, base="no_sn", per=1.0):
+    """(value, [low, high]) of (time(impl) - time(base)) / per, from medians and quartiles."""
+    idx = {(r["suite"], r["forwards"], r["impl"]): r for r in records}
+    a, b = idx.get((suite, k, impl)), idx.get((suite, k, base))
+    if a is None or b is None:
+        return None, None
+    value = (a["median_s"] - b["median_s"]) / per
+    if "q1_s" not in a or "q1_s" not in b:
+        return value, None
+    return value, [(a["q1_s"] - b["q3_s"]) / per, (a["q3_s"] - b["q1_s"]) / per]
+
+
+def _quotient(num, den):
+    """(value, band) of num / den, each given as (value, band) of positive quantities."""
+    (n, nb), (d, db) = num, den
+    if n is None or d is None or d <= 0:
+        return None, None
+    if nb is None or db is None or db[0] <= 0:
+        return n / d, None
+    return n / d, [nb[0] / db[1], nb[1] / db[0]]
+
+
+#: (goal, suite or None for each suite, forwards, threshold): the issue's goals for one call per model.
+MODEL_GOALS = [
+    ("grouped SN cost / kernel floor <= 1.2", None, None, 1.2),
+    ("grouped - identity <= 3 µs per layer, fwd+bwd", "tiny_linear16", 1, 3.0),
+    ("update='once' / 'forward' SN cost <= 0.6, 2 forwards", None, 2, 0.6),
+]
+
+
+def judge_model_goals(records):
+    """``[(goal, suite, forwards, value, band, verdict)]`` for :data:`MODEL_GOALS` (``summary.verdict``'s rule:
+    met only with a margin larger than the spread of the quartile bands)."""
+    from .summary import verdict
+
+    have = {(r["suite"], r["forwards"]) for r in records}
+    rows = []
+    for goal, suite, k, threshold in MODEL_GOALS:
+        for s_, k_ in sorted(have, key=lambda sk: (list(MODEL_SUITES).index(sk[0]), sk[1])):
+            if (suite is not None and s_ != suite) or (k is not None and k_ != k):
+                continue
+            n_layers = sum(count for *_, count in MODEL_SUITES[s_])
+            if goal.startswith("grouped SN cost"):
+                idx = {(r["suite"], r["forwards"], r["impl"]): r for r in records}
+                floor = idx.get((s_, k_, "kernel_floor"))
+                if floor is None:
+                    continue
+                fb = [floor["q1_s"], floor["q3_s"]] if "q1_s" in floor else None
+                value, band = _quotient(_cost_band(records, s_, k_, "grouped_forward"), (floor["median_s"], fb))
+            elif goal.startswith("grouped - identity"):
+                value, band = _cost_band(records, s_, k_, "grouped_forward", "identity", n_layers / 1e6)
+            else:
+                value, band = _quotient(_cost_band(records, s_, k_, "grouped_once"),
+                                        _cost_band(records, s_, k_, "grouped_forward"))
+            if value is None:
+                continue
+            rows.append((goal, s_, k_, value, band, verdict(value, "<=", threshold, band)["status"]))
+    return rows
+
+
+def model_goals_table(records):
+    lines = ["| goal | suite | forwards | value | band (quartiles) | verdict |", "|---|---|---:|---:|---|---|"]
+    for goal, suite, k, value, band, status in judge_model_goals(records):
+        shown = f"{band[0]:.2f} .. {band[1]:.2f}" if band else "not recorded"
+        lines.append(f"| {goal} | {suite} | {k} | {value:.2f} | {shown} | {status} |")
+    return "\n".join(lines)
+
+
+def render(result):
+    """The markdown of a run (``{"env", "records", "breakdown_suite", "breakdown", "threads"}``, as --json writes it)."""
+    env, records = result["env"], result["records"]
+    load = env.get("loadavg")
+    text = (f"# SN cost per discriminator step (`python -m bsn_cuda.benchmark.model_step`)\n\n"
+            f"Run: `{' '.join(env['argv'])}` at commit {(env.get('git_commit') or 'unknown')[:7]}, "
+            f"{env['date'][:10]}; {env['cpu_model']}, {env['cpu_count']} cores, {result.get('threads', 1)} torch "
+            f"thread(s); torch {env['torch']}; 1-minute load average at the start "
+            f"{load[0] if load else 'unknown'}. µs per step, medians of interleaved runs "
+            "(see the module's docstring for what a step is). Regenerate this page from the JSON with "
+            "`python -m bsn_cuda.benchmark.model_step --from-json benchmarks/results/model_step_cpu.json "
+            "--markdown benchmarks/results/model_step_cpu.md`.\n\n"
+            f"{model_step_table(records)}\n\n{model_step_grouped_table(records)}\n\n"
+            "Goals (met only with a margin larger than the quartile band's spread):\n\n"
+            f"{model_goals_table(records)}\n")
+    if result.get("breakdown"):
+        text += ("\nWhere the grouped step's time goes, above an identity parametrization:\n\n"
+                 f"{breakdown_table(result['breakdown'], result['breakdown_suite'])}\n")
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bsn_cuda.benchmark.model_step", description=__doc__.split("\n")[0])
-    p.add_argument("--suite", default="sngan_cnn,sngan_resnet,biggan_g_linear,bert_linear",
-                   help=f"comma-separated, from {','.join(MODEL_SUITES)} or all")
+    p.add_argument("--suite", default="all", help=f"comma-separated, from {','.join(MODEL_SUITES)}, or all [all]")
     p.add_argument("--forwards", default="1,2,3", help="training forwards per step [1,2,3]")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N) [1]")
     p.add_argument("--compiled", action="store_true", help="add torch SN under torch.compile (slow to compile)")
+    p.add_argument("--breakdown", default="tiny_linear16",
+                   help="suite whose grouped step is split by where its time goes ('' for none) [tiny_linear16]")
     p.add_argument("--json", help="write the records and the environment here")
-    p.add_argument("--markdown", help="write the run's environment and both tables here")
+    p.add_argument("--markdown", help="write the run's environment and its tables here")
+    p.add_argument("--from-json", help="render --markdown from this JSON instead of measuring")
     args = p.parse_args(argv)
-    suites = list(MODEL_SUITES) if args.suite == "all" else args.suite.split(",")
-    for s in suites:
-        if s not in MODEL_SUITES:
-            p.error(f"--suite: expected names from {', '.join(MODEL_SUITES)}, got {s!r}")
-    torch.set_num_threads(args.threads)
-    records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
-    env = environment([torch.device("cpu")])
-    tables = f"{model_step_table(records)}\n\n{model_step_grouped_table(records)}\n"
-    print(f"\n== SN cost per training step, µs (median), {args.threads} thread(s), torch {torch.__version__} ==")
-    print(tables)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "records": records}, f, indent=1)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        suites = list(MODEL_SUITES) if args.suite == "all" else args.suite.split(",")
+        for s in suites:
+            if s not in MODEL_SUITES:
+                p.error(f"--suite: expected names from {', '.join(MODEL_SUITES)}, got {s!r}")
+        if args.breakdown and args.breakdown not in MODEL_SUITES:
+            p.error(f"--breakdown: expected one of {', '.join(MODEL_SUITES)}, got {args.breakdown!r}")
+        torch.set_num_threads(args.threads)
+        records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
+        breakdown = grouped_breakdown(args.breakdown) if args.breakdown else None
+        result = {"env": environment([torch.device("cpu")]), "threads": args.threads, "records": records,
+                  "breakdown_suite": args.breakdown or None, "breakdown": breakdown}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    text = render(result)
+    print(text)
     if args.markdown:
-        load = env.get("loadavg")
         with open(args.markdown, "w") as f:
-            f.write(f"# SN cost per discriminator step (`python -m bsn_cuda.benchmark.model_step`)\n\n"
-                    f"Run: `{' '.join(env['argv'])}` at commit {(env['git_commit'] or 'unknown')[:7]}, "
-                    f"{env['date'][:10]}; {env['cpu_model']}, {env['cpu_count']} cores, {args.threads} torch "
-                    f"thread(s); torch {env['torch']}; 1-minute load average at the start "
-                    f"{load[0] if load else 'unknown'}. µs per step, medians of interleaved runs "
-                    "(see the module's docstring for what a step is).\n\n" + tables)
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,36 @@ def _layers(model):
     return found
 
 
+def _fsdp_module_types():
+    """FSDP2's module class (public from torch 2.6, private before), as a tuple for isinstance; () if absent."""
+    types = []
+    for path in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
+        try:
+            module = __import__(path, fromlist=["FSDPModule"])
+        except Exception:  # torch built without distributed, or a layout this torch does not have
+            continue
+        cls = getattr(module, "FSDPModule", None)
+        if cls is not None and cls not in types:
+            types.append(cls)
+    return tuple(types)
+
+
+_FSDP_TYPES = _fsdp_module_types()
+
+
+def _ancestry(model):
+    """``{id(module): (model, ..., module)}`` for every module under ``model``."""
+    chains = {}
+    stack = [(model, (model,))]
+    while stack:
+        module, chain = stack.pop()
+        chains.setdefault(id(module), chain)
+        for child in module._modules.values():
+            if child is not None:
+                stack.append((child, chain + (child,)))
+    return chains
+
+
 def _groupable(owner, module):
     """Whether a layer can take its weight from the group (the static part; the rest is checked per forward)."""
     if isinstance(owner, FusedLegacySpectralNorm):
@@ -273,6 +303,12 @@ class SpectralNormGroup:
 
     def __init__(self, model, layers):
         self.layers = layers  # [(owner, module, weight key)]
+        # FSDP2 units at or below the model, found at each forward (fully_shard may come after grouping):
+        # a unit reshards its weights and reduces their gradients when its own backward is done, before
+        # the group's node (created earlier, so run later) has computed them; its layers run per layer.
+        chains = _ancestry(model)
+        self._chains = [chains[id(module)] for _, module, _ in layers]
+        self._ancestors = list({id(m): m for chain in self._chains for m in chain}.values())
         self._outs = None  # during a forward of the model: each layer's tensor (None: per layer)
         self._weights = None  # the weights those were computed from
         self._last = None  # (weights, outs) of the last forward, for checkpoint recomputation
@@ -313,9 +349,12 @@ class SpectralNormGroup:
         ws, vecs, kinds, dims, iters, eps, scales, update, logs, index, once = ([] for _ in range(11))
         grad = torch.is_grad_enabled()
         cache = eval_cache.enabled()
+        sharded = self._fsdp_layers()
         for i, (owner, module, key) in enumerate(self.layers):
             w = module._parameters.get(key)
             if w is None or type(w) not in _PLAIN or w.device.type not in _group_ops.GROUP_DEVICES:
+                continue
+            if sharded and i in sharded:
                 continue
             weights[i] = w
             legacy = isinstance(owner, FusedLegacySpectralNorm)
@@ -379,6 +418,16 @@ class SpectralNormGroup:
                 self._keep_once(once, index, update, weights, outs)
         return outs, weights
 
+    def _fsdp_layers(self):
+        """Indices of the layers under an FSDP2 unit (empty, the usual case, without one)."""
+        if not _FSDP_TYPES:
+            return ()
+        units = [m for m in self._ancestors if isinstance(m, _FSDP_TYPES)]
+        if not units:
+            return ()
+        ids = {id(m) for m in units}
+        return {i for i, chain in enumerate(self._chains) if any(id(m) in ids for m in chain)}
+
     def _keep_once(self, once, index, update, weights, outs):
         pos = {i: k for k, i in enumerate(index)}
         recs, kept = [], []
@@ -422,8 +471,8 @@ def group_spectral_norm(model, update="forward"):
     :func:`set_update_mode`), set on every layer of the group. Layers that
     cannot take part (complex or 1-D weights, a stacked parametrization, a
     hook subclass with its own ``compute_weight``, a weight that is not a plain
-    tensor at the forward, e.g. sharded by FSDP2, a device without a grouped
-    kernel) run per layer. Under torch.compile, jit tracing, torch.func and
+    tensor at the forward, a layer under an FSDP2 unit (``fully_shard``, before
+    or after grouping), a device without a grouped kernel) run per layer. Under torch.compile, jit tracing, torch.func and
     ONNX export every layer runs per layer. Undo with :func:`ungroup_spectral_norm`.
     """
     check_module(model, "model")

@@ -484,3 +484,61 @@ def test_variant_layers_run_per_layer_inside_a_group(mode, monkeypatch):
     assert calls["group"] == 2
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(a.buffers(), b.buffers()))
+
+
+def test_backward_refuses_a_weight_whose_storage_was_replaced():
+    # `.data = t` (or a storage freed and regrown, as FSDP2 does when it reshards) is not counted by the
+    # version counter: the group's backward sees it through the storage address and raises.
+    ws, vs, args = _op_inputs(torch.float32)
+    outs, _ = torch.ops.bsn_cuda.group_forward(ws, vs, *args)
+    ws[2].data = ws[2].data.clone()
+    with pytest.raises(RuntimeError, match=r"expected weights\[2\] \(shape \[5, 7, 3\]\) to hold the memory it had "
+                                           r"in the forward, got a tensor whose storage was replaced or freed"):
+        sum(o.sum() for o in outs).backward()
+    # Untouched weights (or unused outputs) are not checked: a layer not differentiated may change.
+    ws, vs, args = _op_inputs(torch.float32)
+    outs, _ = torch.ops.bsn_cuda.group_forward(ws, vs, *args)
+    ws[2].data = ws[2].data.clone()
+    (outs[0].sum() + outs[1].sum()).backward()
+    assert ws[0].grad is not None and ws[2].grad is None
+
+
+class _FakeShardUnit:
+    """Stands in for FSDP2's FSDPModule: fully_shard swaps a module's class for a subclass of it."""
+
+
+@pytest.mark.parametrize("mode", grouping.UPDATE_MODES)
+def test_layers_under_an_fsdp2_unit_run_per_layer(mode, monkeypatch):
+    # An FSDP2 unit reshards its weights and reduce-scatters their gradients when its own backward is
+    # done, before the group's node (created first, run last) could compute them: its layers leave the
+    # group, whether fully_shard came before or after grouping (tests/training/test_fsdp.py runs FSDP2).
+    monkeypatch.setattr(grouping, "_FSDP_TYPES", (_FakeShardUnit,))
+    per_layer = train("sngan_resnet", grouped=False, mode=mode)
+    model, inputs = build("sngan_resnet")
+    bsn_cuda.group_spectral_norm(model, update=mode)
+    block = model.blocks[0]
+    block.__class__ = type("FSDP" + type(block).__name__, (_FakeShardUnit, type(block)), {})
+    group = model._bsn_spectral_norm_group
+    seen = []
+    original = _group_ops.group_forward
+
+    def spy(weights, *rest):
+        seen.append({id(w) for w in weights})
+        return original(weights, *rest)
+
+    monkeypatch.setattr(_group_ops, "group_forward", spy)
+    model(*inputs)
+    inside = {id(p) for p in block.parameters()}
+    assert seen and not (seen[-1] & inside) and len(seen[-1]) == len(group.layers) - 3
+    # The results stay those of the per-layer path (train() groups a fresh model: unit it after grouping).
+    monkeypatch.setattr(grouping, "_ancestry", _with_unit(grouping._ancestry))
+    assert_same_run(per_layer, train("sngan_resnet", grouped=True, mode=mode))
+
+
+def _with_unit(ancestry):
+    def wrapped(model):
+        block = model.blocks[0]
+        if not isinstance(block, _FakeShardUnit):
+            block.__class__ = type("FSDP" + type(block).__name__, (_FakeShardUnit, type(block)), {})
+        return ancestry(model)
+    return wrapped

@@ -12,7 +12,14 @@ and the vectors, which FSDP leaves as plain replicated buffers, so:
   over ranks, weights, vectors) up to the rounding of the gradient reduction
   (float64, tolerance 1e-10);
 * with the GAN pattern (two forwards, real and fake, per backward), with and
-  without resharding after forward.
+  without resharding after forward;
+* grouped (``bsn_cuda.group_spectral_norm``, update="forward" and "once"),
+  the single-process run grouped too: a layer under an FSDP2 unit runs per
+  layer (a unit reshards its weights and reduce-scatters their gradients when
+  its own backward ends, before a group's node would have computed them; with
+  resharding off, the second forward's gathered weights are plain tensors, and
+  grouping them crashed on freed storage before the group learned to step
+  aside).
 
 The workers are this file run as a script (``python test_fsdp.py RANK WORLD
 STORE OUT``), as in the DDP test.
@@ -26,12 +33,23 @@ from torch import nn
 
 from test_distributed import BATCH_PER_RANK, VECTOR_NAMES, WORLD_SIZE, _batches, _model
 
-# (name, kind, reshard_after_forward)
+# (name, kind, reshard_after_forward, group update mode or None: not grouped)
 SCENARIOS = [
-    ("sn", "sn", True),
-    ("bsn", "bsn", True),
-    ("mixed-no-reshard", "mixed", False),
+    ("sn", "sn", True, None),
+    ("bsn", "bsn", True, None),
+    ("mixed-no-reshard", "mixed", False, None),
+    ("sn-grouped", "sn", True, "forward"),
+    ("mixed-grouped-no-reshard", "mixed", False, "forward"),
+    ("sn-grouped-once-no-reshard", "sn", False, "once"),
 ]
+
+
+def _grouped(module, update):
+    if update is not None:
+        import bsn_cuda
+
+        bsn_cuda.group_spectral_norm(module, update=update)
+    return module
 
 
 def _fully_shard():
@@ -82,12 +100,13 @@ def _worker(rank, world_size, store, out_dir):
     try:
         mesh = init_device_mesh("cpu", (world_size,))
         results = {}
-        for name, kind, reshard in SCENARIOS:
+        for name, kind, reshard, update in SCENARIOS:
             module = _model(kind)
             for layer in module:
                 if any(True for _ in layer.parameters()):
                     fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+            _grouped(module, update)
             sharded = type(module[0].parametrizations.weight.original).__name__
             assert sharded == "DTensor", f"expected a sharded DTensor weight, got {sharded}"
             results[name] = _train(module, rank)
@@ -131,8 +150,8 @@ if __name__ != "__main__":
     @requires_ops
     @pytest.mark.parametrize("name", NAMES)
     def test_fsdp_matches_single_process_on_the_whole_batch(fsdp_results, name):
-        kind = dict((n, k) for n, k, *_ in SCENARIOS)[name]
-        module = _model(kind)
+        kind, update = {n: (k, upd) for n, k, _, upd in SCENARIOS}[name]
+        module = _grouped(_model(kind), update)
         expected = _train(module)
         per_rank = [results[name] for results in fsdp_results]
         assert_matches_single_process(per_rank, expected)
