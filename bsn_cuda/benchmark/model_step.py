@@ -333,7 +333,7 @@ def breakdown_rows(stats_by_part, n_layers):
         ("group op forward (C++: checks, allocations, kernels, autograd node)", us["group_op_forward"]),
         ("group pre-hook in Python (reading each layer's tensors and settings)",
          us["group_compute"] - us["group_op_forward"]),
-        ("hand-off to each layer (its parametrization returns the group's tensor)",
+        ("rest of the forward (the model's hooks, the hand-off to each layer, the outputs' Python objects)",
          forward_extra - us["group_compute"]),
         ("group op backward (C++: checks, allocations, kernels)", us["group_op_backward"]),
         ("backward node and engine (one node, an edge per layer)", backward_extra - us["group_op_backward"]),

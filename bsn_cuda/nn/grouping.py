@@ -109,6 +109,16 @@ def _ancestry(model):
     return chains
 
 
+def _flavour(owner):
+    """``(kind, vector names)`` a layer's class fixes: the legacy hook (kind _KIND_T, its buffers named
+    at the forward), SN (_KIND_SN) or BSN (_KIND_BSN; one matricization, per its ``single``, runs as SN)."""
+    if isinstance(owner, FusedLegacySpectralNorm):
+        return _KIND_T, ()
+    if isinstance(owner, SpectralNorm):
+        return _KIND_SN, ("_u", "_v")
+    return _KIND_BSN, ("_u0", "_v0", "_u1", "_v1")
+
+
 def _groupable(owner, module):
     """Whether a layer can take its weight from the group (the static part; the rest is checked per forward)."""
     if isinstance(owner, FusedLegacySpectralNorm):
@@ -306,6 +316,7 @@ class SpectralNormGroup:
         # FSDP2 units at or below the model, found at each forward (fully_shard may come after grouping):
         # a unit reshards its weights and reduces their gradients when its own backward is done, before
         # the group's node (created earlier, so run later) has computed them; its layers run per layer.
+        self._static = [_flavour(owner) for owner, _, _ in layers]
         chains = _ancestry(model)
         self._chains = [chains[id(module)] for _, module, _ in layers]
         self._ancestors = list({id(m): m for chain in self._chains for m in chain}.values())
@@ -343,45 +354,53 @@ class SpectralNormGroup:
     def compute(self, recompute=False, force_update=None):
         """One group_forward call for every layer that can take part; ``(outs, weights)`` per layer.
 
-        ``force_update``: True (power_iteration_step) or None (each layer's mode decides)."""
+        ``force_update``: True (power_iteration_step) or None (each layer's mode decides). Every
+        setting is read from the layer at each call (a user may change any of them between forwards);
+        only what a layer's class fixes (its flavour, its vectors' names) is looked up once."""
         n = len(self.layers)
         outs, weights = [None] * n, [None] * n
         ws, vecs, kinds, dims, iters, eps, scales, update, logs, index, once = ([] for _ in range(11))
         grad = torch.is_grad_enabled()
         cache = eval_cache.enabled()
+        writable = not recompute and _ops.log_writable()
         sharded = self._fsdp_layers()
+        on_cpu, on_cuda = "cpu" in _group_ops.GROUP_DEVICES, "cuda" in _group_ops.GROUP_DEVICES
         for i, (owner, module, key) in enumerate(self.layers):
             w = module._parameters.get(key)
-            if w is None or type(w) not in _PLAIN or w.device.type not in _group_ops.GROUP_DEVICES:
-                continue
-            if sharded and i in sharded:
+            if (w is None or type(w) not in _PLAIN or not ((on_cpu and w.is_cpu) or (on_cuda and w.is_cuda))
+                    or (sharded and i in sharded)):
                 continue
             weights[i] = w
-            legacy = isinstance(owner, FusedLegacySpectralNorm)
-            training = (module if legacy else owner).training
+            flavour, names = self._static[i]
+            legacy = flavour == _KIND_T
+            training = module.training if legacy else owner.training
             if not training and cache and not (grad and w.requires_grad):
                 continue  # the eval cache answers per layer
-            mode = owner.__dict__.get("_bsn_update", "forward")
             if force_update is not None:
                 upd = force_update
-            elif not training or recompute or mode == "never":
-                upd = False
-            elif mode == "forward":
-                upd = True
-            else:  # once
-                _, v = _tensors(owner, module)
-                rec = _once(owner)
-                out = rec.lookup(w, v)
-                if out is not None:
-                    outs[i] = out
-                    continue
-                upd = rec.due(w)
-                once.append(i)
+            else:
+                mode = owner.__dict__.get("_bsn_update", "forward")
+                if not training or recompute or mode == "never":
+                    upd = False
+                elif mode == "forward":
+                    upd = True
+                else:  # once
+                    _, v = _tensors(owner, module)
+                    rec = _once(owner)
+                    out = rec.lookup(w, v)
+                    if out is not None:
+                        outs[i] = out
+                        continue
+                    upd = rec.due(w)
+                    once.append(i)
+            if w.ndim < 2:
+                continue
+            b = module._buffers if legacy else owner._buffers
             if legacy:
-                if w.ndim < 2 or w.dtype.is_complex or (upd and owner.dim != 0) or owner.coeff is not None:
+                if w.dtype.is_complex or (upd and owner.dim != 0) or owner.coeff is not None:
                     continue
-                b = module._buffers
-                u, v = b[owner.name + "_u"], b[owner.name + "_v"]
+                name = owner.name
+                u, v = b[name + "_u"], b[name + "_v"]
                 if upd:  # torch's order: the op on W_mat^T, vectors swapped
                     kinds.append(_KIND_T), dims.append(1), vecs.extend((v, u))
                 else:  # no iteration: sigma along dim, as the layer's eval path
@@ -389,19 +408,16 @@ class SpectralNormGroup:
                 scales.append(1.0)
                 logs.append(None)
             else:
-                if w.ndim < 2 or owner._variant:  # variants (coeff, gamma, track-only): per layer
+                if owner._variant:  # variants (coeff, gamma, track-only): per layer
                     continue
-                b = owner._buffers
-                if isinstance(owner, SpectralNorm):
-                    kinds.append(_KIND_SN), dims.append(owner.dim), vecs.extend((b["_u"], b["_v"]))
-                elif owner.single:
+                if flavour == _KIND_BSN and owner.single:
                     kinds.append(_KIND_SN), dims.append(0), vecs.extend((b["_u0"], b["_v0"]))
                 else:
-                    kinds.append(_KIND_BSN), dims.append(0)
-                    vecs.extend((b["_u0"], b["_v0"], b["_u1"], b["_v1"]))
+                    kinds.append(flavour), dims.append(owner.dim if flavour == _KIND_SN else 0)
+                    vecs.extend([b[name] for name in names])
                 scales.append(owner.scale)
                 # Not in a checkpoint recomputation (the per-layer path logs nothing there either).
-                logs.append(b[owner._LOG] if not recompute and _ops.log_writable() else None)
+                logs.append(b[owner._LOG] if writable else None)
             ws.append(w)
             iters.append(owner.n_power_iterations)
             eps.append(float(owner.eps))
