@@ -149,11 +149,12 @@ register_optimizer_step_post_hook(_on_optimizer_step)
 class _Once:
     """State of one layer in update="once": when it last updated, and the W_sn its step shares."""
 
-    __slots__ = ("updated", "out", "key", "valid")
+    __slots__ = ("updated", "out", "weight", "key", "valid")
 
     def __init__(self):
         self.updated = None  # (weight, version, data_ptr, optimizer steps of the weight) at the last update
         self.out = None
+        self.weight = None  # the weight object `out` was computed from (compared by identity)
         self.key = None
         self.valid = False
 
@@ -165,7 +166,7 @@ class _Once:
 
     def invalidate(self, *_):
         self.valid = False
-        self.out = None
+        self.out = self.weight = None
 
     def due(self, weight):
         """Whether an update is due (a step boundary since the last one)."""
@@ -178,7 +179,7 @@ class _Once:
         self.updated = (weight, weight._version, weight.data_ptr(), _PARAM_STEPS[id(weight)])
 
     def lookup(self, weight, vectors):
-        if self.valid and self.key == _key(weight, vectors):
+        if self.valid and self.weight is weight and self.key == _key(weight, vectors):
             return self.out
         return None
 
@@ -188,13 +189,17 @@ class _Once:
         if node is None:
             self.invalidate()
             return None
-        self.out, self.key, self.valid = out, _key(weight, vectors), True
+        self.out, self.weight, self.key, self.valid = out, weight, _key(weight, vectors), True
         return node
 
 
 def _key(weight, vectors):
-    return (weight, weight._version, weight.data_ptr(), tuple(v._version for v in vectors),
-            tuple(v.data_ptr() for v in vectors), _OPT_STEPS[0])
+    """What a write torch counts changes: versions and data pointers (the weight's identity is compared
+    apart: ``==`` on tensors would compare their values)."""
+    key = [weight._version, weight.data_ptr(), _OPT_STEPS[0]]
+    for v in vectors:
+        key += (v._version, v.data_ptr())
+    return key
 
 
 def _once(owner):

@@ -542,3 +542,19 @@ def _with_unit(ancestry):
             block.__class__ = type("FSDP" + type(block).__name__, (_FakeShardUnit, type(block)), {})
         return ancestry(model)
     return wrapped
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_once_sees_a_replaced_parameter(grouped):
+    # A new Parameter object between two forwards of a step: the shared W_sn is not reused (the weight is
+    # compared by identity; comparing tensors with == raised "Boolean value of Tensor ... ambiguous").
+    model, (x,) = build("sngan_resnet")
+    if grouped:
+        bsn_cuda.group_spectral_norm(model, update="once")
+    else:
+        bsn_cuda.set_update_mode(model, "once")
+    plist = model.fc.parametrizations.weight
+    model(x)
+    plist.original = nn.Parameter(plist.original.detach() * 3)
+    model(x)
+    assert torch.equal(model.fc.weight, plist[0].normalize(plist.original.detach(), False)[0])
