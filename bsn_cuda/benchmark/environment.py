@@ -59,6 +59,10 @@ def environment(devices):
         "argv": ["python -m bsn_cuda.benchmark" if a.endswith(os.path.join("bsn_cuda", "benchmark", "__main__.py"))
                  else a for a in sys.argv],
     }
+    # The C allocator's settings: large CPU tensors are fresh allocations, and whether freed memory
+    # goes back to the OS (page faults on the next step) shows in every step time.
+    env["allocator_env"] = {k: os.environ[k] for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX")
+                            if k in os.environ}
     try:
         env["loadavg"] = os.getloadavg()
     except OSError:

@@ -463,10 +463,13 @@ def render(result):
     """The markdown of a run (``{"env", "records", "breakdown_suite", "breakdown", "threads"}``, as --json writes it)."""
     env, records = result["env"], result["records"]
     load = env.get("loadavg")
+    argv = ["python -m bsn_cuda.benchmark.model_step"] + env["argv"][1:]
+    allocator = env.get("allocator_env") or {}
+    allocator = ", ".join(f"{k}={v}" for k, v in allocator.items()) or "default settings"
     text = (f"# SN cost per discriminator step (`python -m bsn_cuda.benchmark.model_step`)\n\n"
-            f"Run: `{' '.join(env['argv'])}` at commit {(env.get('git_commit') or 'unknown')[:7]}, "
+            f"Run: `{' '.join(argv)}` at commit {(env.get('git_commit') or 'unknown')[:7]}, "
             f"{env['date'][:10]}; {env['cpu_model']}, {env['cpu_count']} cores, {result.get('threads', 1)} torch "
-            f"thread(s); torch {env['torch']}; 1-minute load average at the start "
+            f"thread(s); torch {env['torch']}; allocator: {allocator}; 1-minute load average at the start "
             f"{load[0] if load else 'unknown'}. µs per step, medians of interleaved runs "
             "(see the module's docstring for what a step is). Regenerate this page from the JSON with "
             "`python -m bsn_cuda.benchmark.model_step --from-json benchmarks/results/model_step_cpu.json "
