@@ -63,11 +63,26 @@ def _bert_layers():
     return layers + [("pooler+head", "linear", (768, 768), 2)]
 
 
+def _biggan_g_layers():
+    # BigGAN-128's generator (ch=96): the SN linears of z and the conditional BNs (biggan_g_linear),
+    # then five up-blocks of two 3x3 convs and a 1x1 shortcut, self-attention at 64x64, the output conv.
+    ch = 96
+    layers = list(SUITES["biggan_g_linear"]["layers"])
+    for b, (cin, cout) in enumerate(zip([16, 16, 8, 4, 2], [16, 8, 4, 2, 1])):
+        cin, cout = cin * ch, cout * ch
+        layers += [(f"b{b + 1}.c1", "conv", (cout, cin, 3, 3), 1), (f"b{b + 1}.c2", "conv", (cout, cout, 3, 3), 1),
+                   (f"b{b + 1}.sc", "conv", (cout, cin, 1, 1), 1)]
+    return layers + [("attn.theta/phi", "conv", (2 * ch // 8, 2 * ch, 1, 1), 2),
+                     ("attn.g", "conv", (ch, 2 * ch, 1, 1), 1), ("attn.o", "conv", (2 * ch, ch, 1, 1), 1),
+                     ("out", "conv", (3, ch, 3, 3), 1)]
+
+
 MODEL_SUITES = {
     "sngan_cnn": SUITES["sngan_cnn"]["layers"],
     "sngan_resnet": SUITES["sngan_resnet"]["layers"],
     "biggan_d": SUITES["biggan_d"]["layers"],
     "biggan_g_linear": SUITES["biggan_g_linear"]["layers"],
+    "biggan_g": _biggan_g_layers(),
     "bert_linear": _bert_layers(),
     # Tiny stacks: where per-call machinery is all there is (36 layers, batch 1).
     "tiny_linear16": [("linear16", "linear", (16, 16), 36)],
