@@ -21,7 +21,9 @@ Update modes (:func:`set_update_mode`, per layer; ``group_spectral_norm``'s
   while it is valid. Step boundary (an update is due): the weight changed in
   a way torch counts (identity, version counter, data pointer) or an optimizer
   holding the weight stepped (torch's global optimizer step hook), since the
-  layer's last update; or never updated. ``W_sn`` stays valid until: its
+  layer's last update; for a weight no optimizer has been seen holding (FSDP2's
+  gathered weights: the optimizer holds the shards), any optimizer step; or
+  never updated. ``W_sn`` stays valid until: its
   backward ran (a hook on its autograd node), any optimizer step, any counted
   change of the weight or of a vector, a change of grad mode; and it is only
   kept when a graph is recorded. A forward after the backward of the same
@@ -35,6 +37,8 @@ Update modes (:func:`set_update_mode`, per layer; ``group_spectral_norm``'s
 
 See docs/design.md ("Grouped ops", "Update modes") and docs/guarantees.md.
 """
+
+import sys
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -79,21 +83,24 @@ def _layers(model):
     return found
 
 
+_FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")  # public from 2.6; 2.4-2.5
+_FSDP_TYPES = ()  # FSDP2's module class(es), once a model could have used them
+
+
 def _fsdp_module_types():
-    """FSDP2's module class (public from torch 2.6, private before), as a tuple for isinstance; () if absent."""
-    types = []
-    for path in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
-        try:
-            module = __import__(path, fromlist=["FSDPModule"])
-        except Exception:  # torch built without distributed, or a layout this torch does not have
-            continue
-        cls = getattr(module, "FSDPModule", None)
-        if cls is not None and cls not in types:
-            types.append(cls)
-    return tuple(types)
+    """FSDP2's module class as a tuple for isinstance, () while FSDP2 has not been imported.
 
-
-_FSDP_TYPES = _fsdp_module_types()
+    Looked up in ``sys.modules`` (importing torch's FSDP costs about a second): a model can only hold
+    FSDP2 units once FSDP2 is imported, so until then no layer is under one."""
+    global _FSDP_TYPES
+    if not _FSDP_TYPES:
+        found = []
+        for name in _FSDP_MODULES:
+            cls = getattr(sys.modules.get(name), "FSDPModule", None)
+            if isinstance(cls, type) and cls not in found:
+                found.append(cls)
+        _FSDP_TYPES = tuple(found)
+    return _FSDP_TYPES
 
 
 def _ancestry(model):
@@ -171,12 +178,18 @@ class _Once:
     def due(self, weight):
         """Whether an update is due (a step boundary since the last one)."""
         u = self.updated
-        return (u is None or u[0] is not weight or u[1] != weight._version or u[2] != weight.data_ptr()
-                or u[3] != _PARAM_STEPS.get(id(weight), 0))
+        if u is None or u[0] is not weight or u[1] != weight._version or u[2] != weight.data_ptr():
+            return True
+        steps = _PARAM_STEPS.get(id(weight), 0)
+        if steps:  # an optimizer holds the weight: its steps are the boundaries
+            return u[3] != steps
+        # No optimizer seen holding it (FSDP2's gathered weight: the optimizer holds the shards, and the
+        # all-gather rewrites the weight without a version bump): any optimizer step is a boundary.
+        return u[4] != _OPT_STEPS[0]
 
     def mark_updated(self, weight):
         _PARAM_STEPS.setdefault(id(weight), 0)
-        self.updated = (weight, weight._version, weight.data_ptr(), _PARAM_STEPS[id(weight)])
+        self.updated = (weight, weight._version, weight.data_ptr(), _PARAM_STEPS[id(weight)], _OPT_STEPS[0])
 
     def lookup(self, weight, vectors):
         if self.valid and self.weight is weight and self.key == _key(weight, vectors):
@@ -441,9 +454,10 @@ class SpectralNormGroup:
 
     def _fsdp_layers(self):
         """Indices of the layers under an FSDP2 unit (empty, the usual case, without one)."""
-        if not _FSDP_TYPES:
+        types = _fsdp_module_types()
+        if not types:
             return ()
-        units = [m for m in self._ancestors if isinstance(m, _FSDP_TYPES)]
+        units = [m for m in self._ancestors if isinstance(m, types)]
         if not units:
             return ()
         ids = {id(m) for m in units}

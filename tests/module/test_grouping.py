@@ -558,3 +558,32 @@ def test_once_sees_a_replaced_parameter(grouped):
     plist.original = nn.Parameter(plist.original.detach() * 3)
     model(x)
     assert torch.equal(model.fc.weight, plist[0].normalize(plist.original.detach(), False)[0])
+
+
+def test_once_step_boundaries_come_from_the_weights_optimizer_or_any_if_none_holds_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    unrelated = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+    def layer():
+        m = bsn_cuda.spectral_norm(nn.Linear(6, 5).double())
+        bsn_cuda.set_update_mode(m, "once")
+        return m, m.parametrizations.weight[0]._u
+
+    def updates(m, u, before):
+        old = u.clone()
+        before()
+        m(x)
+        return not torch.equal(u, old)
+
+    # Held by an optimizer: its steps are the boundaries; another optimizer's steps are not.
+    held, u = layer()
+    opt = torch.optim.SGD(held.parameters(), lr=0.0)
+    held(x).sum().backward()
+    assert updates(held, u, opt.step)
+    assert not updates(held, u, unrelated.step)
+    # Held by none (FSDP2's gathered weights: the optimizer holds the shards): any optimizer step.
+    free, u = layer()
+    free(x)
+    assert updates(free, u, unrelated.step)
+    assert not updates(free, u, lambda: None)
