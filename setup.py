@@ -17,7 +17,9 @@ found; no GPU is needed at build time. Environment:
                          exit (for tools/portability/*.sh)
 
 Install with `pip install --no-build-isolation .` so the build uses the torch
-that is already installed (no network needed).
+that is already installed (no network needed); a plain `pip install .` stops
+with a one-line message saying so. Package metadata and the version's single
+source: pyproject.toml (the version lives in bsn_cuda/_version.py).
 """
 
 import glob
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
@@ -49,6 +51,27 @@ def _find_cuda_home():
         if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
             return home
     return None
+
+
+ISOLATED_BUILD_MESSAGE = (
+    "bsn_cuda builds against the torch already installed (torch>=2.4): "
+    "type `pip install --no-build-isolation .` (pip's default isolated build cannot see torch)"
+)
+
+
+def _require_installed_torch():
+    """Stop with one line when torch cannot be imported.
+
+    That is what pip's default isolated build looks like from here: its
+    temporary environment holds only pyproject.toml's build requirements,
+    which leave torch out on purpose (building against a freshly fetched torch
+    would break the ABI of the one installed). It is also the message for an
+    environment with no torch at all.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit(ISOLATED_BUILD_MESSAGE)
 
 
 def _cuda_wanted():
@@ -221,22 +244,12 @@ if os.environ.get("BSN_PRINT_CXX_FLAGS") == "1":
     print(" ".join(_cxx_flags(_cxx())[0]))
     sys.exit(0)
 
+_require_installed_torch()
 ext_modules, build_ext = _extensions()
 
+# Name, version, dependencies and packages: pyproject.toml.
 setup(
-    name="bsn_cuda",
-    version="0.1.0",
-    description="Fused spectral normalization (SN, BSN, BSSN) for PyTorch: C++ and CUDA ops",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["bsn_cuda", "bsn_cuda.*"]),
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "test": ["pytest", "hypothesis"],
-        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
-    },
     zip_safe=False,
 )

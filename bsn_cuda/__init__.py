@@ -19,6 +19,7 @@ reference, with a RuntimeWarning at import).
 """
 
 from . import _ops, diagnostics, ema, functional, reference
+from ._version import __version__
 from ._ops import HAS_EXTENSION
 from ._patch import is_torch_patched, patch_torch, unpatch_torch
 from .ema import refresh_spectral_norm
@@ -38,8 +39,6 @@ from .nn import (
     spectral_norm_checkpoint_context,
     ungroup_spectral_norm,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "spectral_norm",

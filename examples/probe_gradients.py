@@ -169,15 +169,15 @@ def plot(result, path):
         axes[1].plot(steps, [t["grad_norm"][0] for t in b[k]["trace"]], color=color, marker=marker, label=k)
         axes[2].plot(steps, [t["lipschitz_bound"] for t in b[k]["trace"]], color=color, marker=marker, label=k)
     axes[0].set(yscale="log", xlabel="layer (1-7 conv, 8 linear)", ylabel="||dD/dW|| (raw weight)",
-                title="A. at init, SNGAN D width 64, 32x32x3")
+                title="(a) part A: at init, SNGAN D width 64, 32x32x3")
     axes[1].set(yscale="log", xlabel="training step", ylabel="||dD/dW_1|| (layer 1)",
-                title=f"B. layer 1 during training (width {s['train_width']})")
+                title=f"(b) part B: layer 1 during training (width {s['train_width']})")
     axes[2].set(yscale="log", xlabel="training step", ylabel="product of the layers' operator norms",
-                title="B. Lipschitz bound of D during training")
+                title="(c) part B: Lipschitz bound of D during training")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
     axes[2].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), title=f"c = {s['c']}")
-    fig.suptitle(f"Gradient probe, {s['machine']}; probe batch {s['batch']}; B: GAN on digits 32x32x3, "
+    fig.suptitle(f"Gradient probe, {s['machine']}; probe batch {s['batch']}; part B: GAN on digits 32x32x3, "
                  f"lr {s['lr']}, batch {s['train_batch']}, {s['steps']} steps",
                  fontsize=10)
     fig.tight_layout()

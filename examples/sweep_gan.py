@@ -64,6 +64,7 @@ def plot(runs, lrs, settings, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     colors = ["#0072B2", "#D55E00", "#009E73", "#CC79A7"]
     markers = ["o", "s", "^", "D"]
@@ -86,9 +87,16 @@ def plot(runs, lrs, settings, path):
         ax.set_xticks(range(len(NORMS)))
         ax.set_xticklabels([label(n, s) for n, s in NORMS])
         ax.grid(True, alpha=0.3)
-    axes[0].set(yscale="log", ylabel="FD to real digits (lower is better)", title="sample quality (x: diverged; hollow: collapsed)")
+    axes[0].set(yscale="log", ylabel="FD to real digits (lower is better)", title="sample quality")
     axes[1].set(ylabel="class coverage (of 10 digits)", ylim=(-0.05, 1.05), title="class coverage")
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
+    # the marker fills and the cross say the run's outcome: entries of their own, in black
+    handles, labels = axes[1].get_legend_handles_labels()
+    for marker, fill, text in (("o", "black", "finished (filled)"),
+                               ("o", "none", f"collapsed: coverage <= {COLLAPSE_COVERAGE} (hollow)"),
+                               ("x", "black", "diverged (x, at the top)")):
+        handles.append(Line2D([], [], marker=marker, color="black", mfc=fill, ls="none"))
+        labels.append(text)
+    axes[1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(
         f"{settings['machine']}: digits 16x16, width {settings['width']}, batch {settings['batch_size']}, "
         f"{settings['steps']} steps, Adam(0.5, 0.999), seeds {settings['seeds']}", fontsize=10)
@@ -121,6 +129,14 @@ def plot_samples(samples, lrs, path, title):
     plt.close(fig)
 
 
+def draw(state, out):
+    """Both figures of a sweep, from its saved state (the .json)."""
+    s = state["settings"]
+    plot(state["runs"], s["lrs"], s, out + ".png")
+    plot_samples(state["samples"], s["lrs"], out + "_samples.png",
+                 f"samples after {s['steps']} steps, seed {s['seeds'][0]} ({s['machine']})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lrs", type=float, nargs="+", default=[2e-4, 2e-3])
@@ -130,7 +146,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--machine", default=platform.node() or "unknown machine")
     p.add_argument("--out", default=os.path.join(HERE, "results", "sweep"))
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the .png figures from the saved .json (no training, no classifier)")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.out + ".json") as f:
+            state = json.load(f)
+        draw(state, args.out)
+        return
     torch.set_num_threads(1)
     images, labels = datasets.load_digits(16, 1)
     evaluator = metrics.Evaluator(images, labels)
@@ -174,9 +197,7 @@ def main(argv=None):
                 f"Outcome: diverged = non-finite loss; collapsed = coverage <= {COLLAPSE_COVERAGE} (at most 3 of 10 classes; "
                 f"in short runs this also counts runs that have not learned yet).\n\n"
                 + table + "\n")
-    plot(runs, args.lrs, settings, args.out + ".png")
-    plot_samples(state["samples"], args.lrs, args.out + "_samples.png",
-                 f"samples after {args.steps} steps, seed {args.seeds[0]} ({args.machine})")
+    draw(state, args.out)
     print(table)
 
 

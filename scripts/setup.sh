@@ -6,7 +6,7 @@
 #
 # A second run is quick: the dependency install and the build are skipped when
 # a stamp says nothing they depend on changed (for the build: the C++/CUDA
-# sources, setup.py, the Python and torch versions, the build settings).
+# sources, setup.py, pyproject.toml, the Python and torch versions, the build settings).
 # BSN_FORCE_BUILD=1 rebuilds anyway.
 set -euo pipefail
 BSN_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,7 +48,7 @@ build_key=$(
       echo "$var=${!var-<unset>}"
     done
     command -v nvcc || true
-    find csrc setup.py -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.py' \) \
+    find csrc setup.py pyproject.toml -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.py' -o -name '*.toml' \) \
       -print0 | sort -z | xargs -0 sha256sum
   } | sha256sum | cut -d' ' -f1
 )

@@ -10,8 +10,8 @@ Two builds of a copy of this checkout's tracked files (`setup.py build_ext
   arch list when no GPU is visible, ``MAX_JOBS`` = the cores): its wall time.
 
 ``python -m bsn_cuda.benchmark.build_time --json benchmarks/results/build.json
---markdown-into README.md``; ``--from-json`` rewrites the README block from a
-saved run. Needs a git checkout, the CUDA toolkit and the build tools; no network.
+--markdown-into docs/performance.md``; ``--from-json`` rewrites the block from a
+saved run (``python -m bsn_cuda.benchmark.docs`` too). Needs a git checkout, the CUDA toolkit and the build tools; no network.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def run_builds(write=print):
 
 
 def build_blocks(result):
-    """{"build-time": markdown} for the README."""
+    """{"build-time": markdown} for docs/performance.md."""
     env, per_file, default = result["env"], result["per_file"], result["default"]
     files = sorted(per_file["files_s"].items(), key=lambda kv: -kv[1])
     cuda = [(f, s) for f, s in files if f.endswith(".cu")]

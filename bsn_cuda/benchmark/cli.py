@@ -126,7 +126,7 @@ def build_parser():
                         "speedup (training fwd+bwd over torch SN per layer), bsn_cost (BSN / SN per layer), "
                         "host (tiny weights), gpu_bandwidth (CUDA records only) and all_points; with several "
                         "devices, one file per device: PREFIX_<figure>_<device>.png")
-    p.add_argument("--markdown", metavar="PATH", help="write markdown tables for the README")
+    p.add_argument("--markdown", metavar="PATH", help="write markdown tables of the whole run (benchmarks/results/cpu.md)")
     p.add_argument("--retries", type=int, default=None,
                    help=f"CPU: measure a case again up to N times when other processes disturbed it "
                         f"[{CONTENTION_RETRIES}; --quick: 1]")
@@ -142,8 +142,9 @@ def build_parser():
                    help="skip the host-overhead section (tiny weights, see bsn_cuda.benchmark.host_overhead)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--markdown-into", metavar="PATH",
-                   help="rewrite the generated regions of a markdown file (the README's speed section: "
-                        "<!-- bsn_cuda:generated speed-... --> markers) from this result")
+                   help="rewrite the speed regions of a markdown file (<!-- bsn_cuda:generated speed-... --> "
+                        "markers in README.md and docs/performance.md) from this result; "
+                        "python -m bsn_cuda.benchmark.docs rewrites every region of both from the committed results")
     p.add_argument("--from-json", metavar="PATH",
                    help="measure nothing: redraw --plot, --markdown and --markdown-into from a result written by "
                         "--json (summary and goals are recomputed from its records)")

@@ -9,7 +9,7 @@
 * ``gpu_bandwidth``: CUDA only: achieved bandwidth of fused SN as a percentage of
   the HBM peak per layer, beside the bandwidth model's prediction
   (tools/gpu/model_predictions.md).
-* ``all_points``: every comparison in every mode against the weight size.
+* ``all_points``: every comparison against the weight size, one panel per mode.
 
 ``plot(result, prefix)`` writes ``<prefix>_<figure>.png`` for each figure the
 result has data for; with records of several devices, one file per device,
@@ -284,19 +284,22 @@ def gpu_bandwidth_figure(result, dev, predictions=None):
 
 
 def all_points_figure(result, dev):
-    """Every comparison in every mode against the weight's element count (log-log)."""
+    """Every comparison against the weight's element count (log-log), one panel
+    per mode (so that no mode's range squashes another's) and one colour per
+    comparison."""
     import matplotlib.ticker
 
     idx = index([r for r in result["measurements"] if r["device"] == dev])
-    if not idx:
+    modes = [m for m in MODES if any(key[3] == m for key in idx)]
+    if not modes:
         return None
     native = result["env"]["devices"][dev]["fused_native"]
-    fig, axes = _new_figure(5.0)
-    ax = axes[0][0]
-    colours = {"train": BLUE, "eval": GREEN, "fwd_bwd": VERMILION}
-    markers = {"vs_torch_sn": "o", "vs_legacy": "s", "vs_compiled": "^", "bsn_vs_torch_bsn": "D", "legacy_vs_legacy": "v"}
-    for key, num, den, title in COMPARISONS:
-        for mode in MODES:
+    style = {"vs_torch_sn": (BLUE, "o"), "vs_legacy": (SKY, "s"), "vs_compiled": (GREY, "^"),
+             "bsn_vs_torch_bsn": (VERMILION, "D"), "legacy_vs_legacy": (GREEN, "v")}
+    fig, axes = _new_figure(0.9 + 2.4 * len(modes), nrows=len(modes), sharex=True)
+    fmt = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x")
+    for ax, mode in zip(axes[:, 0], modes):
+        for key, num, den, title in COMPARISONS:
             points = {}
             for (_, _, _, m), row in idx.items():
                 v = ratio(row, num, den)
@@ -305,21 +308,20 @@ def all_points_figure(result, dev):
                     points[(rec["kind"], tuple(rec["shape"]))] = (rec["numel"], v)
             if points:
                 xs, ys = zip(*points.values())
-                ax.scatter(xs, ys, marker=markers[key], color=colours[mode], alpha=0.8, s=26,
-                           label=f"{comparison_title(title, native)}, {mode}")
-    ax.axhline(1.0, color=GREY, lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    fmt = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x")
-    ax.yaxis.set_major_formatter(fmt)
-    ax.yaxis.set_minor_formatter(fmt)
-    ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.set_xlabel("weight numel")
-    ax.set_ylabel("speedup (time other / time fused)")
-    ax.grid(True, which="both", alpha=0.25)
-    fig.suptitle(f"All points: speedup against weight size\n{_machine(result, dev)}", fontsize=11)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=7.5, frameon=False)
-    return fig
+                colour, marker = style[key]
+                ax.scatter(xs, ys, marker=marker, color=colour, alpha=0.8, s=24, label=comparison_title(title, native))
+        ax.axhline(1.0, color=BLACK, lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(fmt)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_title(MODE_TITLES.get(mode, mode), fontsize=9.5, loc="left")
+        ax.set_ylabel("time other / time fused", fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[-1][0].set_xlabel("weight numel")
+    title = f"Speedup against weight size, every layer (higher is better; dashed: parity)\n{_machine(result, dev)}"
+    return _finish(fig, axes[:, 0], title, ncol=3)
 
 
 def figure_paths(prefix, devices):

@@ -1,12 +1,13 @@
-"""The README's speed section from a benchmark result: the blocks between
+"""The speed blocks of README.md and docs/performance.md from a benchmark result: the blocks between
 ``<!-- bsn_cuda:generated speed-... -->`` markers (see :mod:`.markers`), so
 that every number there is the committed result's, not typed by hand.
 
 Blocks: ``speed-run`` (the run: command, machine, torch, threads, date,
 commit, duration, disturbed cases, the load warning), ``speed-summary``,
 ``speed-e2e``, ``speed-host`` (the tables), ``speed-goals`` (each goal's
-value, band, margin, spread and verdict) and ``speed-headline`` (the ranges
-the section's prose would otherwise quote)."""
+value, band, margin, spread and verdict), ``speed-headline`` (the ranges
+the section's prose would otherwise quote) and ``speed-headline-table`` (the
+summary's training forward+backward rows: the README's headline table)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,14 @@ def headline_block(result):
     return "\n".join(lines) or "(no forward+backward or end-to-end results in this run)"
 
 
+def headline_table(result):
+    """The summary table's training forward+backward rows, one per suite."""
+    rows = [s for s in result["summary"] if s["mode"] == "fwd_bwd"]
+    if not rows:
+        return "(no forward+backward results in this run)"
+    return summary_table({**result, "summary": rows}, markdown=True)
+
+
 def speed_blocks(result, source=None):
     """{block name: markdown} for a result (with summary and goals, see cli.conclude)."""
     return {
@@ -124,6 +133,7 @@ def speed_blocks(result, source=None):
         "speed-host": host_table(result["host"], markdown=True) if result.get("host") else "(no host overhead run)",
         "speed-goals": goals_block(result),
         "speed-headline": headline_block(result),
+        "speed-headline-table": headline_table(result),
     }
 
 

@@ -1,11 +1,13 @@
-"""README.md and docs/why_bsn.md say what the committed results show.
+"""README.md, docs/performance.md and docs/why_bsn.md say what the committed
+results show.
 
 The regions between ``bsn_cuda:generated`` markers must be exactly what the
-generators write from the committed results (benchmarks/results/cpu.json for
-the speed section, examples/results/*.json for the BSN evidence), and the
-hand-written text around them may quote a measured quantity (a number with
-x, times, µs, ms, s or %, or a ratio with two or more decimals) only if the
-generated text gives the same one.
+generators write from the committed results (benchmarks/results/cpu.json,
+build.json and model_step_cpu.md through ``python -m bsn_cuda.benchmark.docs``;
+examples/results/*.json through examples/evidence.py), and the hand-written
+text around them may quote a measured quantity (a number with x, times, µs,
+ms, s or %, or a ratio with two or more decimals) only if the generated text
+gives the same one.
 """
 
 import json
@@ -17,7 +19,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from bsn_cuda.benchmark import build_time, markers
+from bsn_cuda.benchmark import build_time, docs, markers
 from bsn_cuda.benchmark.cli import conclude, main
 from bsn_cuda.benchmark.readme import speed_blocks
 
@@ -26,11 +28,10 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 import evidence  # noqa: E402
 
 README = os.path.join(REPO_ROOT, "README.md")
+PERFORMANCE = os.path.join(REPO_ROOT, "docs", "performance.md")
 WHY_BSN = os.path.join(REPO_ROOT, "docs", "why_bsn.md")
-CPU_JSON = os.path.join("benchmarks", "results", "cpu.json")
-BUILD_JSON = os.path.join("benchmarks", "results", "build.json")
-BUILD_COMMAND = f"python -m bsn_cuda.benchmark.build_time --from-json {BUILD_JSON} --markdown-into README.md"
-SPEED_COMMAND = f"python -m bsn_cuda.benchmark --from-json {CPU_JSON} --markdown-into README.md"
+CPU_JSON = docs.CPU_JSON
+DOCS_COMMAND = "python -m bsn_cuda.benchmark.docs"
 EVIDENCE_COMMAND = "python examples/evidence.py"
 
 # Numbers in hand-written text that are not measurements. Each needs a reason.
@@ -91,19 +92,13 @@ def unsupported(page, generated):
 
 @pytest.fixture(scope="module")
 def speed():
-    with open(os.path.join(REPO_ROOT, CPU_JSON)) as f:
-        return speed_blocks(conclude(json.load(f)), CPU_JSON)
+    """{page: {region: markdown}}: what `python -m bsn_cuda.benchmark.docs` writes."""
+    return {page: docs.page_blocks(REPO_ROOT, os.path.relpath(page, REPO_ROOT)) for page in (README, PERFORMANCE)}
 
 
 @pytest.fixture(scope="module")
 def bsn():
     return evidence.evidence_blocks()
-
-
-@pytest.fixture(scope="module")
-def build():
-    with open(os.path.join(REPO_ROOT, BUILD_JSON)) as f:
-        return build_time.build_blocks(json.load(f))
 
 
 def _differing(path, blocks):
@@ -112,16 +107,25 @@ def _differing(path, blocks):
     return [name for name in blocks if name in have and have[name] != blocks[name].strip("\n")]
 
 
-def test_speed_section_is_regenerated_from_the_committed_run(tmp_path):
-    """--markdown-into on a copy of the checkout's README and result reproduces README.md."""
+def test_benchmark_regions_are_regenerated_from_the_committed_results():
+    """README.md and docs/performance.md hold what the committed results give."""
+    changed = {page: names for page, names in docs.regenerate(REPO_ROOT, write=False).items() if names}
+    assert not changed, f"generated regions differ from the committed results: {changed}; run: {DOCS_COMMAND}"
+
+
+@pytest.mark.parametrize("page", ["README.md", os.path.join("docs", "performance.md")])
+def test_benchmark_cli_writes_the_same_speed_regions(tmp_path, page):
+    """`python -m bsn_cuda.benchmark --from-json ... --markdown-into PAGE` on a copy
+    of the checkout writes the speed regions as the docs command does."""
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "docs").mkdir()
     shutil.copy(os.path.join(REPO_ROOT, CPU_JSON), tmp_path / CPU_JSON)
-    shutil.copy(README, tmp_path / "README.md")
-    assert main(["--from-json", str(tmp_path / CPU_JSON), "--markdown-into", str(tmp_path / "README.md")]) == 0
-    got, want = (tmp_path / "README.md").read_text(encoding="utf-8"), _read(README)
+    shutil.copy(os.path.join(REPO_ROOT, page), tmp_path / page)
+    assert main(["--from-json", str(tmp_path / CPU_JSON), "--markdown-into", str(tmp_path / page)]) == 0
+    got, want = (tmp_path / page).read_text(encoding="utf-8"), _read(os.path.join(REPO_ROOT, page))
     if got != want:
         changed = [n for n, c in markers.regions(got).items() if markers.regions(want).get(n) != c]
-        pytest.fail(f"README.md's generated regions {changed} are not what {CPU_JSON} gives; run: {SPEED_COMMAND}")
+        pytest.fail(f"{page}: generated regions {changed} are not what {CPU_JSON} gives; run: {DOCS_COMMAND}")
 
 
 @pytest.mark.parametrize("path", [README, WHY_BSN], ids=["README", "why_bsn"])
@@ -131,25 +135,31 @@ def test_bsn_evidence_is_regenerated_from_the_committed_runs(path, bsn):
                          f"examples/results/*.json give; run: {EVIDENCE_COMMAND}")
 
 
-def test_build_time_is_regenerated_from_the_committed_run(build):
-    changed = _differing(README, build)
-    assert not changed and set(build) <= set(markers.regions(_read(README))), \
-        f"README.md: regions {changed or list(build)} are not what {BUILD_JSON} gives; run: {BUILD_COMMAND}"
-
-
-def test_every_region_has_a_generator(speed, bsn, build):
-    readme, why = markers.regions(_read(README)), markers.regions(_read(WHY_BSN))
-    assert set(readme) - set(speed) - set(bsn) - set(build) == set(), "README.md has regions no generator writes"
+def test_every_region_has_a_generator(speed, bsn):
+    readme, perf, why = (markers.regions(_read(p)) for p in (README, PERFORMANCE, WHY_BSN))
+    assert set(readme) - set(speed[README]) - set(bsn) == set(), "README.md has regions no generator writes"
+    assert set(perf) - set(speed[PERFORMANCE]) == set(), "docs/performance.md has regions no generator writes"
     assert set(why) - set(bsn) == set(), "docs/why_bsn.md has regions no generator writes"
-    assert set(speed) <= set(readme), f"README.md lacks speed regions: expected {sorted(speed)}, got {sorted(readme)}"
-    assert {"bsn-probe-compare", "bsn-sweep"} <= set(readme) & set(why), \
-        "the BSN evidence (the runs' comparison and the sweep) must be generated on both pages"
+    missing = set(speed[PERFORMANCE]) - set(readme) - set(perf)
+    assert not missing, f"no page holds the generated blocks {sorted(missing)}"
+    assert {"speed-headline-table", "speed-headline", "bsn-probe-compare"} <= set(readme), \
+        "the README's headline table, ranges and BSN comparison must be generated"
+    assert {"speed-goals", "build-time", "model-step"} <= set(perf), \
+        "docs/performance.md must hold the goals, the build time and the model-level step"
+    assert {"bsn-probe-compare", "bsn-sweep"} <= set(why), "docs/why_bsn.md must hold the runs' comparison and the sweep"
 
 
-@pytest.mark.parametrize("path", [README, WHY_BSN], ids=["README", "why_bsn"])
-def test_prose_quotes_only_generated_quantities(path, speed, bsn, build):
+def test_model_step_block_includes_the_committed_table():
+    """The lead's model-step results appear in docs/performance.md as committed."""
+    block = markers.regions(_read(PERFORMANCE))["model-step"]
+    assert block == docs.included(os.path.join(REPO_ROOT, docs.MODEL_STEP_MD))
+    assert not block.startswith("# "), "the included file's title is left out (the page has its own heading)"
+
+
+@pytest.mark.parametrize("path", [README, PERFORMANCE, WHY_BSN], ids=["README", "performance", "why_bsn"])
+def test_prose_quotes_only_generated_quantities(path, speed, bsn):
     page = _read(path)
-    generated = "\n".join(list(speed.values()) + list(bsn.values()) + list(build.values()))
+    generated = "\n".join([b for blocks in speed.values() for b in blocks.values()] + list(bsn.values()))
     bad = unsupported(page, generated)
     assert not bad, (f"{os.path.relpath(path, REPO_ROOT)} quotes quantities that no generated block gives "
                      "(move them into a block, or remove them):\n" + "\n".join(bad))

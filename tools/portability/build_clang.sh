@@ -30,7 +30,7 @@ clangcc=${CLANGCC:-$(echo "$CLANGXX" | sed 's/clang++/clang/')}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # The sources only: no in-place build of the main tree may leak in.
-cp -r setup.py README.md csrc bsn_cuda tests "$work/"
+cp -r setup.py pyproject.toml README.md csrc bsn_cuda tests "$work/"
 rm -f "$work"/bsn_cuda/_C*.so "$work"/bsn_cuda/_C*.pyd
 cd "$work"
 

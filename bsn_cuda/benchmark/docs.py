@@ -1,0 +1,86 @@
+"""Every benchmark-generated region of README.md and docs/performance.md, from
+the committed results, in one command (run from the repository root):
+
+    python -m bsn_cuda.benchmark.docs            # rewrite the regions
+    python -m bsn_cuda.benchmark.docs --check    # only say which differ (exit 1)
+
+Sources: ``benchmarks/results/cpu.json`` (the ``speed-*`` blocks, see
+:mod:`.readme`), ``benchmarks/results/build.json`` (``build-time``, see
+:mod:`.build_time`) and ``benchmarks/results/model_step_cpu.md``, which
+``python -m bsn_cuda.benchmark.model_step --markdown`` writes and which is
+included as it is, less its title (``model-step``). The BSN evidence's
+regions (``bsn-*``) belong to ``python examples/evidence.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import build_time, markers
+from .cli import conclude
+from .readme import speed_blocks
+
+__all__ = ["PAGES", "CPU_JSON", "BUILD_JSON", "MODEL_STEP_MD", "included", "page_blocks", "regenerate"]
+
+PAGES = ("README.md", os.path.join("docs", "performance.md"))
+CPU_JSON = os.path.join("benchmarks", "results", "cpu.json")
+BUILD_JSON = os.path.join("benchmarks", "results", "build.json")
+MODEL_STEP_MD = os.path.join("benchmarks", "results", "model_step_cpu.md")
+
+
+def included(path):
+    """A markdown file's text for inclusion in another page: without its
+    leading ``# title`` line (the page has its own heading)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().strip("\n").splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join(lines).strip("\n")
+
+
+def page_blocks(root, page):
+    """{region name: markdown} for `page` (a path relative to `root`): links to
+    the results are written relative to the page."""
+    source = os.path.relpath(os.path.join(root, CPU_JSON), os.path.dirname(os.path.join(root, page)))
+    with open(os.path.join(root, CPU_JSON)) as f:
+        blocks = speed_blocks(conclude(json.load(f)), source)
+    with open(os.path.join(root, BUILD_JSON)) as f:
+        blocks.update(build_time.build_blocks(json.load(f)))
+    blocks["model-step"] = included(os.path.join(root, MODEL_STEP_MD))
+    return blocks
+
+
+def regenerate(root=".", write=True):
+    """{page: [names of its regions that differ from the committed results]};
+    with `write`, the pages are rewritten."""
+    changed = {}
+    for page in PAGES:
+        path = os.path.join(root, page)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        blocks = page_blocks(root, page)
+        have = markers.regions(text)
+        changed[page] = [n for n in blocks if n in have and have[n] != blocks[n].strip("\n")]
+        new, _ = markers.fill(text, blocks)
+        if write and new != text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(new)
+    return changed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bsn_cuda.benchmark.docs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=".", help="the repository root [.]")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a region differs")
+    args = p.parse_args(argv)
+    changed = regenerate(args.root, write=not args.check)
+    for page, names in changed.items():
+        print(f"{page}: " + (f"{'differs' if args.check else 'rewrote'}: {', '.join(names)}" if names else "up to date"))
+    return 1 if args.check and any(changed.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
