@@ -6,9 +6,10 @@ the committed results, in one command (run from the repository root):
 
 Sources: ``benchmarks/results/cpu.json`` (the ``speed-*`` blocks, see
 :mod:`.readme`), ``benchmarks/results/build.json`` (``build-time``, see
-:mod:`.build_time`) and ``benchmarks/results/model_step_cpu.md``, which
-``python -m bsn_cuda.benchmark.model_step --markdown`` writes and which is
-included as it is, less its title (``model-step``). The BSN evidence's
+:mod:`.build_time`) and ``benchmarks/results/model_step_cpu.json``, which
+``python -m bsn_cuda.benchmark.model_step --json`` writes: its page
+(``model-step``, what ``--markdown`` writes, less its title) and its headline
+(``model-step-headline``). The BSN evidence's
 regions (``bsn-*``) belong to ``python examples/evidence.py``.
 """
 
@@ -19,26 +20,33 @@ import json
 import os
 import sys
 
-from . import build_time, markers
+from . import build_time, markers, model_step
 from .cli import conclude
 from .readme import speed_blocks
 
-__all__ = ["PAGES", "CPU_JSON", "BUILD_JSON", "MODEL_STEP_MD", "included", "page_blocks", "regenerate"]
+__all__ = ["PAGES", "CPU_JSON", "BUILD_JSON", "MODEL_STEP_JSON", "MODEL_STEP_MD", "included", "without_title",
+           "page_blocks", "regenerate"]
 
 PAGES = ("README.md", os.path.join("docs", "performance.md"))
 CPU_JSON = os.path.join("benchmarks", "results", "cpu.json")
 BUILD_JSON = os.path.join("benchmarks", "results", "build.json")
+MODEL_STEP_JSON = os.path.join("benchmarks", "results", "model_step_cpu.json")
 MODEL_STEP_MD = os.path.join("benchmarks", "results", "model_step_cpu.md")
 
 
-def included(path):
-    """A markdown file's text for inclusion in another page: without its
-    leading ``# title`` line (the page has its own heading)."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().strip("\n").splitlines()
+def without_title(text):
+    """Markdown for inclusion in another page: without its leading ``# title``
+    line (the page has its own heading)."""
+    lines = text.strip("\n").splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
     return "\n".join(lines).strip("\n")
+
+
+def included(path):
+    """A markdown file's text for inclusion in another page (:func:`without_title`)."""
+    with open(path, encoding="utf-8") as f:
+        return without_title(f.read())
 
 
 def page_blocks(root, page):
@@ -49,7 +57,10 @@ def page_blocks(root, page):
         blocks = speed_blocks(conclude(json.load(f)), source)
     with open(os.path.join(root, BUILD_JSON)) as f:
         blocks.update(build_time.build_blocks(json.load(f)))
-    blocks["model-step"] = included(os.path.join(root, MODEL_STEP_MD))
+    with open(os.path.join(root, MODEL_STEP_JSON)) as f:
+        steps = json.load(f)
+    blocks["model-step"] = without_title(model_step.render(steps))
+    blocks["model-step-headline"] = model_step.headline(steps)
     return blocks
 
 

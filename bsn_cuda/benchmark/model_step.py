@@ -51,7 +51,7 @@ from .timing import Budget, time_cpu_interleaved, warm_up_cpu
 
 __all__ = ["MODEL_SUITES", "IMPLS", "MODEL_GOALS", "build_model", "run_model_steps", "kernel_floor",
            "kernel_floor_hot", "grouped_breakdown", "breakdown_rows", "breakdown_table", "model_step_table",
-           "model_step_grouped_table", "judge_model_goals", "model_goals_table", "render"]
+           "model_step_grouped_table", "judge_model_goals", "model_goals_table", "headline", "render"]
 
 
 def _bert_layers():
@@ -471,6 +471,45 @@ def model_goals_table(records):
     for goal, suite, k, value, band, status in judge_model_goals(records):
         shown = f"{band[0]:.2f} .. {band[1]:.2f}" if band else "not recorded"
         lines.append(f"| {goal} | {suite} | {k} | {value:.2f} | {shown} | {status} |")
+    return "\n".join(lines)
+
+
+SUITE_TITLES = {"sngan_cnn": "SNGAN CNN D", "sngan_resnet": "SNGAN ResNet D", "biggan_d": "BigGAN D",
+                "biggan_g_linear": "BigGAN G's linears", "biggan_g": "BigGAN G", "bert_linear": "BERT-base stack",
+                "tiny_linear16": "36 Linear(16, 16)", "linear148": "36 Linear(148, 96)"}
+
+
+def headline(result, forwards=2):
+    """A few markdown bullets for the README: grouped against torch per suite, the goals, the breakdown."""
+    records = result["records"]
+    lines = []
+    ratios = []
+    for suite in MODEL_SUITES:
+        torch_cost = _cost_band(records, suite, forwards, "torch_sn")[0]
+        grouped_cost = _cost_band(records, suite, forwards, "grouped_forward")[0]
+        once_cost = _cost_band(records, suite, forwards, "grouped_once")[0]
+        if torch_cost is None or grouped_cost is None or grouped_cost <= 0:
+            continue
+        once = f", {torch_cost / once_cost:.1f}x with update='once'" if once_cost and once_cost > 0 else ""
+        ratios.append(f"{SUITE_TITLES.get(suite, suite)} {torch_cost / grouped_cost:.1f}x{once}")
+    if ratios:
+        lines.append(f"- SN cost per discriminator step ({forwards} training forwards and a backward, CPU, "
+                     f"{result.get('threads', 1)} thread), torch's SN over grouped fused SN: " + "; ".join(ratios) + ".")
+    verdicts = {}
+    for goal, _, _, value, _, status in judge_model_goals(records):
+        verdicts.setdefault(goal, []).append((value, status.split(" (")[0]))
+    for goal, items in verdicts.items():
+        counts = {st: sum(1 for _, s_ in items if s_ == st) for st in ("met", "NOT met", "within noise")}
+        values = sorted(v for v, _ in items)
+        shown = f"value {values[0]:.2f}" if len(values) == 1 else f"values {values[0]:.2f} to {values[-1]:.2f}"
+        lines.append(f"- Goal {goal}: " + ", ".join(f"{st} in {n}" for st, n in counts.items() if n)
+                     + f" of {len(items)} (suite, forwards) case{'s' if len(items) > 1 else ''} ({shown}).")
+    if result.get("breakdown"):
+        n_layers = sum(count for *_, count in MODEL_SUITES[result["breakdown_suite"]])
+        rows = breakdown_rows(result["breakdown"], n_layers)
+        parts = ", ".join(f"{name.split(' (')[0]} {value:.1f}" for name, value in rows[:-1])
+        lines.append(f"- Where a grouped step's time goes above an identity parametrization, µs per layer on "
+                     f"{SUITE_TITLES.get(result['breakdown_suite'])}: {parts}; total {rows[-1][1]:.1f}.")
     return "\n".join(lines)
 
 

@@ -142,15 +142,23 @@ def test_every_region_has_a_generator(speed, bsn):
     assert set(why) - set(bsn) == set(), "docs/why_bsn.md has regions no generator writes"
     missing = set(speed[PERFORMANCE]) - set(readme) - set(perf)
     assert not missing, f"no page holds the generated blocks {sorted(missing)}"
-    assert {"speed-headline-table", "speed-headline", "bsn-probe-compare"} <= set(readme), \
-        "the README's headline table, ranges and BSN comparison must be generated"
+    assert {"speed-headline-table", "speed-headline", "bsn-probe-compare", "model-step-headline"} <= set(readme), \
+        "the README's headline table, ranges, grouping results and BSN comparison must be generated"
     assert {"speed-goals", "build-time", "model-step"} <= set(perf), \
         "docs/performance.md must hold the goals, the build time and the model-level step"
     assert {"bsn-probe-compare", "bsn-sweep"} <= set(why), "docs/why_bsn.md must hold the runs' comparison and the sweep"
 
 
-def test_model_step_block_includes_the_committed_table():
-    """The lead's model-step results appear in docs/performance.md as committed."""
+def test_model_step_pages_come_from_the_committed_json():
+    """The model-level step's page (benchmarks/results/model_step_cpu.md) and its block in
+    docs/performance.md are what its JSON renders to."""
+    from bsn_cuda.benchmark import model_step
+
+    with open(os.path.join(REPO_ROOT, docs.MODEL_STEP_JSON)) as f:
+        page = model_step.render(json.load(f))
+    assert _read(os.path.join(REPO_ROOT, docs.MODEL_STEP_MD)) == page, (
+        "benchmarks/results/model_step_cpu.md differs from its JSON: python -m bsn_cuda.benchmark.model_step "
+        "--from-json benchmarks/results/model_step_cpu.json --markdown benchmarks/results/model_step_cpu.md")
     block = markers.regions(_read(PERFORMANCE))["model-step"]
     assert block == docs.included(os.path.join(REPO_ROOT, docs.MODEL_STEP_MD))
     assert not block.startswith("# "), "the included file's title is left out (the page has its own heading)"
