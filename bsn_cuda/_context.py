@@ -5,7 +5,7 @@
 * :func:`is_plain_eager`: whether a call may take the eager-only shortcuts (the
   eval cache): not while torch.compile, torch.export or jit tracing records
   the call, nor under torch.func transforms or forward-mode AD (ONNX export is
-  routed earlier, see :mod:`bsn_cuda.onnx_export`).
+  routed earlier, see :mod:`bsn_cuda._onnx_export`).
 
 Each test is a few attribute reads: they run on every forward of every layer.
 """
