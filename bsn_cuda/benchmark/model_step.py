@@ -176,7 +176,7 @@ def kernel_floor(suite, forwards, budget):
             with torch.no_grad():
                 for _ in range(forwards):
                     out, state[0] = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)
-            torch.ops.bsn_cuda.sn_backward(g, w, state[0], 0, 1.0)
+            _ops.sn_backward(g, w, state[0], 0, 1.0)
 
         warm_up_cpu(call, lambda: None, budget)
         st = time_cpu_interleaved({"floor": (call, lambda: None)}, budget)["floor"]
