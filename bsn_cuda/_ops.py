@@ -52,19 +52,17 @@ else:
 _FAST, _OP, _REFERENCE = "fast", "op", "reference"
 
 
-def _has_kernel(weight):
+def _route(weight):
+    """The route of a per-layer call on ``weight`` (module docstring); warns once per device without kernels."""
     # weight.device.type in OP_DEVICES, without building a torch.device (a
     # microsecond, on every forward of every layer).
     if weight.is_cpu:
-        return "cpu" in OP_DEVICES
-    if weight.is_cuda:
-        return "cuda" in OP_DEVICES
-    return weight.device.type in OP_DEVICES
-
-
-def _route(weight):
-    """The route of a per-layer call on ``weight`` (module docstring); warns once per device without kernels."""
-    if not _has_kernel(weight):
+        has_kernel = "cpu" in OP_DEVICES
+    elif weight.is_cuda:
+        has_kernel = "cuda" in OP_DEVICES
+    else:
+        has_kernel = weight.device.type in OP_DEVICES
+    if not has_kernel:
         _fallback.warn_once(weight.device.type)
         return _REFERENCE
     if _is_compiling():
