@@ -5,7 +5,7 @@ The contract of ``bsn_cuda::sn_forward``, ``sn_backward``, ``bsn_forward`` and
 ``csrc/host.cpp`` (tests/ops/test_contract.py holds the three to that). Two
 callers:
 
-* the fake kernels (``_ops.py``), under tracing, where shapes may be symbolic:
+* the fake kernels (``_fakes.py``), under tracing, where shapes may be symbolic:
   every rule goes through ``torch._check``, so a symbolic condition becomes a
   guard or a deferred runtime assert instead of a data-dependent error;
 * the reference (``reference.py``), on real tensors (and, behind the
@@ -16,7 +16,8 @@ as the C++ side prints them: floats as ``%g``, sizes and strides as ``[a, b]``,
 dtypes as ``torch.float32``.
 
 It also holds the two facts of the state layout the checks need (the
-matricization sizes and the accumulation dtype), which the reference re-exports.
+matricization sizes and the accumulation dtype), which the reference re-exports,
+the ops' names, and the grouped ops' layer kinds.
 """
 
 import math

@@ -5,8 +5,8 @@
 // 15-25 us per call, more than the whole fused kernel on most GAN layers.
 // (torch.library.register_autograd would be the usual place, but it refuses
 // ops that mutate inputs, and these update u/v in place.) The backward ops are
-// functional; their own autograd (double backward) is registered in
-// bsn_cuda/_ops.py next to the fake kernels.
+// functional; their own autograd (double backward) is bsn_cuda/_double_backward.py,
+// registered by bsn_cuda/_library.py.
 #include "autograd.h"
 #include "bsn.h"
 
