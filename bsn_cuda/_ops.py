@@ -145,7 +145,7 @@ def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update, 
     The one Python home of the legacy order. It is the op on ``W_mat^T``:
     ``sn_forward(W_mat, u=v, v=u, dim=1)``, whose state is ``[sigma, v, u]``.
     Eager calls without a ``variant`` (see :func:`sn_forward`) run as one
-    autograd node (``sn_forward_transposed`` in csrc/autograd.cpp, its one C++ home).
+    autograd node (csrc/autograd.cpp; the order's one C++ home is ``call_sn_forward_transposed``).
     """
     # Not while jit traces: the C++ node reshapes outside the dispatcher, which a trace would not record.
     if not variant and _route(weight) is _FAST and not torch.jit.is_tracing():
