@@ -22,6 +22,7 @@ import torch
 from . import _fallback, reference
 from ._context import eager_transforms_active as _transforms_active
 from ._context import is_compiling as _is_compiling
+from ._context import is_jit_tracing as _is_jit_tracing
 from ._contract import KIND_BSN
 from ._library import _C, EXTENSION_ERROR, GROUP_DEVICES, HAS_EXTENSION, OP_DEVICES
 
@@ -148,7 +149,7 @@ def sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update, 
     autograd node (csrc/autograd.cpp; the order's one C++ home is ``call_sn_forward_transposed``).
     """
     # Not while jit traces: the C++ node reshapes outside the dispatcher, which a trace would not record.
-    if not variant and _route(weight) is _FAST and not torch.jit.is_tracing():
+    if not variant and _route(weight) is _FAST and not _is_jit_tracing():
         result = _FAST_SN_FORWARD_TRANSPOSED(weight, u, v, n_power_iterations, eps, scale, update)
         if result is not None:
             return result
