@@ -23,7 +23,7 @@ from ._version import __version__
 from ._ops import HAS_EXTENSION
 from ._patch import is_torch_patched, patch_torch, unpatch_torch
 from .ema import refresh_spectral_norm
-from .conv_sn import conv_spectral_norm
+from .nn.conv_sn import conv_spectral_norm
 from .nn import (
     apply_spectral_norm,
     cached,

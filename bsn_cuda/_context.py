@@ -5,7 +5,7 @@
 * :func:`is_plain_eager`: whether a call may take the eager-only shortcuts (the
   eval cache): not while torch.compile, torch.export or jit tracing records
   the call, nor under torch.func transforms or forward-mode AD (ONNX export is
-  routed earlier, see :mod:`bsn_cuda.onnx_export`).
+  routed earlier, see :mod:`bsn_cuda._onnx_export`).
 
 Each test is a few attribute reads: they run on every forward of every layer.
 """
@@ -21,6 +21,10 @@ if _is_compiling is None:  # pragma: no cover - torch < 2.3
 
 
 is_compiling = _is_compiling
+
+# torch.jit.is_tracing() without its Python wrapper (whose is_scripting() test is
+# always False here: nothing of bsn_cuda is scripted); a tenth of a microsecond per call.
+is_jit_tracing = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 if _functorch_active is None:  # pragma: no cover - older torch: ask the interpreter stack
@@ -58,7 +62,7 @@ def is_plain_eager():
     """Eager autograd-mode execution that no tracer records (see module docstring)."""
     return not (
         _is_compiling()
-        or torch.jit.is_tracing()
+        or is_jit_tracing()
         or _functorch_active()
         or forward_ad_active()
     )

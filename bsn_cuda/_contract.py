@@ -5,7 +5,7 @@ The contract of ``bsn_cuda::sn_forward``, ``sn_backward``, ``bsn_forward`` and
 ``csrc/host.cpp`` (tests/ops/test_contract.py holds the three to that). Two
 callers:
 
-* the fake kernels (``_ops.py``), under tracing, where shapes may be symbolic:
+* the fake kernels (``_fakes.py``), under tracing, where shapes may be symbolic:
   every rule goes through ``torch._check``, so a symbolic condition becomes a
   guard or a deferred runtime assert instead of a data-dependent error;
 * the reference (``reference.py``), on real tensors (and, behind the
@@ -16,7 +16,8 @@ as the C++ side prints them: floats as ``%g``, sizes and strides as ``[a, b]``,
 dtypes as ``torch.float32``.
 
 It also holds the two facts of the state layout the checks need (the
-matricization sizes and the accumulation dtype), which the reference re-exports.
+matricization sizes and the accumulation dtype), which the reference re-exports,
+the ops' names, and the grouped ops' layer kinds.
 """
 
 import math
@@ -24,6 +25,12 @@ import math
 import torch
 
 __all__ = [
+    "OP_NAMES",
+    "GROUP_OP_NAMES",
+    "KIND_SN",
+    "KIND_BSN",
+    "KIND_SN_TRANSPOSED",
+    "KIND_NAMES",
     "FLOATING_DTYPES",
     "acc_dtype",
     "matrix_sizes",
@@ -34,6 +41,17 @@ __all__ = [
     "check_sn_backward",
     "check_bsn_backward",
 ]
+
+#: The per-layer ops of the ``bsn_cuda`` namespace (schemas in csrc/ops.cpp).
+OP_NAMES = ("sn_forward", "sn_backward", "bsn_forward", "bsn_backward")
+#: The grouped ops (docs/design.md "Grouped ops").
+GROUP_OP_NAMES = ("group_forward", "group_backward")
+
+#: ``kinds[i]`` of the grouped ops: layer ``i`` runs ``sn_forward`` (two vectors), ``bsn_forward``
+#: (four), or ``sn_forward`` on ``weight.reshape(size(0), -1)`` with dim 1 (torch's legacy v-first
+#: order; two vectors, torch's ``v`` then ``u``), output in the weight's shape.
+KIND_SN, KIND_BSN, KIND_SN_TRANSPOSED = 0, 1, 2
+KIND_NAMES = {KIND_SN: "sn", KIND_BSN: "bsn", KIND_SN_TRANSPOSED: "sn_transposed"}
 
 #: Weight dtypes the ops take.
 FLOATING_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -12,7 +12,7 @@ kernels). On any other device the same math runs as torch ops, from
   ``FALLBACK_KEYS``. The C++ kernel at the ``Autograd`` key
   (csrc/autograd.cpp) redispatches to them and its backward calls the backward
   op, which lands here too, so autograd (and double backward, registered in
-  ``_ops.py``) works as on the CPU.
+  ``_double_backward.py``) works as on the CPU.
 
 The reference has the ops' exact semantics (in-place ``u``/``v`` update with
 the accept rule, state layout, accumulation dtype); results agree with the
@@ -27,6 +27,8 @@ import warnings
 import torch
 
 from . import reference
+from ._contract import OP_NAMES
+from ._context import is_compiling
 
 __all__ = ["FALLBACK_KEYS", "REGISTERED_KEYS", "register", "register_kernels", "warn_once"]
 
@@ -47,8 +49,6 @@ FALLBACK_KEYS = (
     "PrivateUse3",
 )
 
-_OP_NAMES = ("sn_forward", "sn_backward", "bsn_forward", "bsn_backward")
-
 # Keys that got the reference kernels (set by register()).
 REGISTERED_KEYS = ()
 
@@ -62,7 +62,7 @@ def warn_once(device_type):
     """Warn, once per device type, that ``device_type`` runs the reference."""
     # Not while torch.compile traces: the traced graph is the reference's torch
     # ops, and a Python side effect here would break the graph.
-    if not _ACTIVE or device_type in _WARNED or torch.compiler.is_compiling():
+    if not _ACTIVE or device_type in _WARNED or is_compiling():
         return
     _WARNED.add(device_type)
     warnings.warn(
@@ -143,7 +143,7 @@ def register():
     """Install the reference kernels for every key of ``FALLBACK_KEYS`` that has none.
 
     Returns the Library, which must be kept alive (dropping it deregisters the
-    kernels). Called once by ``_ops`` after the extension has loaded.
+    kernels). Called once by ``_library`` after the extension has loaded.
     """
     global REGISTERED_KEYS, _ACTIVE
     keys = []
@@ -151,7 +151,7 @@ def register():
         if not hasattr(torch._C.DispatchKey, key):
             continue
         # A kernel someone else registered (e.g. a device plugin) wins.
-        if any(torch._C._dispatch_has_kernel_for_dispatch_key(f"bsn_cuda::{n}", key) for n in _OP_NAMES):
+        if any(torch._C._dispatch_has_kernel_for_dispatch_key(f"bsn_cuda::{n}", key) for n in OP_NAMES):
             continue
         keys.append(key)
     lib = torch.library.Library("bsn_cuda", "IMPL")

@@ -26,7 +26,7 @@ import torch.nn.utils
 import torch.nn.utils.parametrizations
 import torch.nn.utils.spectral_norm  # noqa: F401  (the module; the attribute is the function)
 
-from .nn import api, legacy
+from .nn import legacy, registration
 
 __all__ = ["patch_torch", "unpatch_torch", "is_torch_patched", "TorchPatch"]
 
@@ -39,7 +39,7 @@ _SWAPS = (
     (_LEGACY_MODULE, "spectral_norm", legacy.spectral_norm),
     (_LEGACY_MODULE, "remove_spectral_norm", legacy.remove_spectral_norm),
     (_LEGACY_MODULE, "SpectralNorm", legacy.FusedLegacySpectralNorm),
-    (torch.nn.utils.parametrizations, "spectral_norm", api.spectral_norm),
+    (torch.nn.utils.parametrizations, "spectral_norm", registration.spectral_norm),
 )
 # torch's objects, bound at import.
 _ORIGINALS = tuple(getattr(namespace, attr) for namespace, attr, _ in _SWAPS)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .conv_sn import ConvSpectralNorm, conv_operator_norm
+from .nn.conv_sn import ConvSpectralNorm, conv_operator_norm
 from .nn import BidirectionalSpectralNorm, SpectralNorm
 
 __all__ = ["LayerReport", "probe", "layer_kind", "to_markdown", "exact_sigma", "top_singular_values",

@@ -170,8 +170,14 @@ def bidirectional_spectral_norm(weight, u0, v0, u1, v1, n_power_iterations=1, ep
 # Initial vectors.
 
 
-def _random_pair(weight, dim, eps):
-    # torch's _SpectralNorm.__init__: both normal_ draws first (u, then v), then normalize.
+#: Power iterations run at registration (torch's SN does 15), by every parametrization.
+WARM_UP_ITERATIONS = 15
+
+
+def draw_unit_vectors(weight, dim, eps):
+    """Random unit ``(u, v)`` for ``W_mat(dim)``, drawn as torch's SN draws them (both
+    flavours): ``u`` then ``v`` with ``normal_(0, 1)``, then ``F.normalize``. Every
+    registration draws its vectors here, so the same seed gives torch's vectors."""
     rows = weight.shape[dim]
     cols = weight.numel() // rows if rows else 0
     u = weight.new_empty(rows).normal_(0, 1)
@@ -190,7 +196,7 @@ def init_sn_vectors(weight, dim=0, eps=1e-12):
     check_functional_weight(weight, min_ndim=2)
     dim = check_op_dim(dim, weight.ndim)
     check_positive_float("eps", eps)
-    return _random_pair(weight, dim, eps)
+    return draw_unit_vectors(weight, dim, eps)
 
 
 @torch.no_grad()
@@ -203,15 +209,15 @@ def init_bsn_vectors(weight, eps=1e-12):
     """
     check_functional_weight(weight, min_ndim=2)
     check_positive_float("eps", eps)
-    u0, v0 = _random_pair(weight, 0, eps)
+    u0, v0 = draw_unit_vectors(weight, 0, eps)
     if uses_single_matricization(weight.shape):
         return u0, v0, None, None
-    u1, v1 = _random_pair(weight, 1, eps)
+    u1, v1 = draw_unit_vectors(weight, 1, eps)
     return u0, v0, u1, v1
 
 
 @torch.no_grad()
-def warm_up_sn(weight, u, v, dim=0, n_power_iterations=15, eps=1e-12):
+def warm_up_sn(weight, u, v, dim=0, n_power_iterations=WARM_UP_ITERATIONS, eps=1e-12):
     """Run ``n_power_iterations`` power iterations on ``u``/``v`` in place (torch does 15 at registration)."""
     check_functional_weight(weight)
     dim = check_op_dim(dim, weight.ndim)
@@ -220,7 +226,7 @@ def warm_up_sn(weight, u, v, dim=0, n_power_iterations=15, eps=1e-12):
 
 
 @torch.no_grad()
-def warm_up_bsn(weight, u0, v0, u1, v1, n_power_iterations=15, eps=1e-12):
+def warm_up_bsn(weight, u0, v0, u1, v1, n_power_iterations=WARM_UP_ITERATIONS, eps=1e-12):
     """:func:`warm_up_sn` for both BSN pairs (only pair 0 for single-matricization weights)."""
     check_functional_weight(weight)
     check_hyperparameters(n_power_iterations, eps, 1.0)

@@ -5,8 +5,8 @@
 // 15-25 us per call, more than the whole fused kernel on most GAN layers.
 // (torch.library.register_autograd would be the usual place, but it refuses
 // ops that mutate inputs, and these update u/v in place.) The backward ops are
-// functional; their own autograd (double backward) is registered in
-// bsn_cuda/_ops.py next to the fake kernels.
+// functional; their own autograd (double backward) is bsn_cuda/_double_backward.py,
+// registered by bsn_cuda/_library.py.
 #include "autograd.h"
 #include "bsn.h"
 
@@ -272,6 +272,17 @@ at::Tensor in_weight_shape(at::Tensor result, const at::Tensor& weight) {
   return result.view_symint(weight.sym_sizes());
 }
 
+// The legacy order itself, its one C++ home: sn_forward on W_mat with the
+// vectors' roles swapped (u_op = torch's v, v_op = torch's u) along dim 1, the
+// output back in the weight's shape; the state is [sigma, v, u].
+ForwardResult call_sn_forward_transposed(const at::Tensor& weight, at::Tensor& u, at::Tensor& v,
+                                         int64_t n_power_iterations, double eps, double scale,
+                                         bool update) {
+  auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1, n_power_iterations,
+                                      eps, scale, update);
+  return {in_weight_shape(std::move(out), weight), std::move(state)};
+}
+
 class SNTransposedForward : public torch::autograd::Function<SNTransposedForward> {
  public:
   // Compiled autograd may trace the backward: it only calls dispatcher ops.
@@ -280,10 +291,10 @@ class SNTransposedForward : public torch::autograd::Function<SNTransposedForward
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, at::Tensor u,
                                at::Tensor v, int64_t n_power_iterations, double eps,
                                double scale, bool update, at::Tensor* state_out) {
-    auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1,
-                                        n_power_iterations, eps, scale, update);
+    auto [out, state] =
+        call_sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update);
     save_context(ctx, weight, std::move(state), scale, state_out);
-    return {in_weight_shape(std::move(out), weight)};
+    return {std::move(out)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -315,9 +326,7 @@ std::tuple<at::Tensor, at::Tensor> sn_forward_transposed(const at::Tensor& weigh
   check_no_tangent("bsn_cuda::sn_forward", weight);
   bump_versions({&u, &v});
   if (!records_graph(weight)) {
-    auto [out, state] = call_sn_forward(rows_matrix(weight), v, u, /*dim=*/1, n_power_iterations,
-                                        eps, scale, update);
-    return {in_weight_shape(std::move(out), weight), std::move(state)};
+    return call_sn_forward_transposed(weight, u, v, n_power_iterations, eps, scale, update);
   }
   at::Tensor state;
   variable_list result =

@@ -4,7 +4,7 @@
 // nodes in autograd.cpp, for the same reason: it runs on every forward). Its
 // backward makes one bsn_cuda::group_backward call for the layers whose output
 // received a gradient and whose weight needs one; group_backward's own
-// autograd (double backward) is registered in bsn_cuda/_ops.py.
+// autograd (double backward) is registered in bsn_cuda/_double_backward.py.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>

@@ -34,9 +34,8 @@ std::string dtype_name(at::ScalarType dtype) {
 void check_weight(const char* op, const at::Tensor& weight, int64_t min_dim) {
   TORCH_CHECK(weight.defined(), op, ": expected weight to be a tensor, got None");
   const auto dtype = weight.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": expected weight of dtype float32, float64, float16 or bfloat16, got ",
+  TORCH_CHECK(is_kernel_dtype(dtype), op,
+              ": expected weight of dtype float32, float64, float16 or bfloat16, got ",
               dtype_name(dtype));
   TORCH_CHECK(weight.dim() >= min_dim, op, ": expected weight with at least ", min_dim,
               " dimensions, got ", weight.dim(), " (shape ", weight.sizes(), ")");
@@ -194,6 +193,11 @@ PreparedBackward allocate_backward(const at::Tensor& grad_out, const at::Tensor&
 }
 
 }  // namespace
+
+bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+         dtype == at::kBFloat16;
+}
 
 at::ScalarType acc_dtype(at::ScalarType weight_dtype) {
   return weight_dtype == at::kDouble ? at::kDouble : at::kFloat;

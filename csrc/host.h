@@ -23,6 +23,10 @@ struct PreparedBackward {
   BackwardParams params;
 };
 
+// The weight dtypes the ops take (float32, float64, float16, bfloat16; Python:
+// bsn_cuda/_contract.py FLOATING_DTYPES).
+bool is_kernel_dtype(at::ScalarType dtype);
+
 // The accumulation dtype: float64 for float64 weights, float32 otherwise.
 at::ScalarType acc_dtype(at::ScalarType weight_dtype);
 

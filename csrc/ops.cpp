@@ -1,6 +1,7 @@
 // The op schemas, declared once. Backends register in csrc/cpu and csrc/cuda;
-// fake kernels live in bsn_cuda/_ops.py, autograd in csrc/autograd.cpp (forwards)
-// and bsn_cuda/_ops.py (double backward); the _C module is csrc/python_api.cpp.
+// fake kernels live in bsn_cuda/_fakes.py, autograd in csrc/autograd.cpp (forwards)
+// and bsn_cuda/_double_backward.py (double backward), both registered by
+// bsn_cuda/_library.py; the _C module is csrc/python_api.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(bsn_cuda, m) {

@@ -14,6 +14,7 @@
 #include <Python.h>
 
 #include "autograd.h"
+#include "host.h"
 #include "python_args.h"
 
 #include <ATen/Dispatch.h>
@@ -224,10 +225,9 @@ PyObject* fast_sn_forward_transposed(PyObject* /*self*/, PyObject* const* args, 
   }
   const at::Tensor& weight = THPVariable_Unpack(args[0]);
   // Dtypes without a kernel (complex: torch's own computation) take the general path.
-  const auto dtype = weight.scalar_type();
-  const bool kernel_dtype = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                            dtype == at::kBFloat16;
-  if (!has_kernel(weight) || weight.dim() < 1 || !kernel_dtype) Py_RETURN_NONE;
+  if (!has_kernel(weight) || weight.dim() < 1 || !is_kernel_dtype(weight.scalar_type())) {
+    Py_RETURN_NONE;
+  }
   at::Tensor u = THPVariable_Unpack(args[1]);
   at::Tensor v = THPVariable_Unpack(args[2]);
   ForwardResult result;

@@ -93,7 +93,7 @@ def layer_sigma(module):
 
     if not parametrize.is_parametrized(module, "weight"):
         return float("nan")
-    from bsn_cuda.conv_sn import ConvSpectralNorm, get_conv_sigma
+    from bsn_cuda.nn.conv_sn import ConvSpectralNorm, get_conv_sigma
 
     if isinstance(module.parametrizations.weight[0], ConvSpectralNorm):
         return get_conv_sigma(module).item()

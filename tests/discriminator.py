@@ -1,4 +1,4 @@
-"""The small SN/BSN discriminator shared by the tests and scripts/memory_soak.py.
+"""The small SN/BSN discriminator shared by the tests and tests/training/memory_soak.py.
 
     Conv(3 -> c1, 3x3, stride 2) - LeakyReLU - Conv(c1 -> c2, 3x3, stride 2) - LeakyReLU
     [- Conv(c2 -> c2, 1x1)] - Flatten - Linear(-> 1 logit)

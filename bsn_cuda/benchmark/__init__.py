@@ -22,8 +22,12 @@ are labelled "reference fallback" everywhere and the goals are not judged.
 Modules, one job each: ``suites`` (what is measured, the goals), ``impls`` (the
 implementations), ``timing``, ``measure`` (running the suites), ``summary``
 (ratios, geometric means, goals judged), ``e2e`` (the end-to-end model),
-``host_overhead``, ``environment``, ``report`` (text and markdown tables),
-``plot`` (the figures) and ``cli`` (``python -m bsn_cuda.benchmark``).
+``host_overhead``, ``environment``, ``tables`` (text and markdown tables),
+``report`` (the report's sections), ``readme`` and ``markers`` (README blocks),
+``plot`` (the figures), ``cli`` (``python -m bsn_cuda.benchmark``), and the
+stand-alone runs ``model_step``, ``build_time``, ``host_profile`` (where one
+call's host time goes) and ``bsn_cost`` (where BSN's extra kernel time goes).
+Imports go one way (no cycle; tests/docs/test_import_graph.py).
 """
 
 from .e2e import E2E_VARIANTS

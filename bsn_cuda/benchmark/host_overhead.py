@@ -20,8 +20,8 @@ timing: the weight does not change between calls, so bsn_cuda's opt-in eval
 cache answers; torch's SN and the identity are unaffected by it).
 
 Run alone with ``python -m bsn_cuda.benchmark.host_overhead``; ``python -m
-bsn_cuda.benchmark`` includes it (``--no-host`` skips it). The tables are in
-:mod:`bsn_cuda.benchmark.report`.
+bsn_cuda.benchmark`` includes it (``--no-host`` skips it); :mod:`.report` puts
+its tables into the full report.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .summary import ratio_band, verdict
+from .tables import goal_numbers, md_table, status_text, text_table
 from .timing import Budget, time_cpu_interleaved, warm_up_cpu
 
 __all__ = ["KINDS", "IMPLS", "MODES", "GOALS", "Identity", "run_host_overhead", "judge_host_goals", "host_index",
-           "us_per_call"]
+           "us_per_call", "host_table", "host_goals_text"]
 
 KINDS = {
     "linear": ("Linear(4, 4)", lambda: nn.Linear(4, 4, bias=False)),
@@ -179,9 +180,30 @@ def judge_host_goals(records, native=True):
     return goals
 
 
-def main(argv=None):
-    from .report import host_goals_text, host_table
+def host_table(records, markdown=False):
+    """µs per call (median) for each kind and mode, with the ratios the host goals use."""
+    idx = host_index(records)
+    us = us_per_call
+    head = ["weight", "mode", "identity", "torch SN", "fused", "functional", "fused vs torch", "fused / identity"]
+    rows = []
+    # kinds and modes in the records' order: a saved run may have modes this version does not
+    for kind, mode in dict.fromkeys((r["kind"], r["mode"]) for r in records):
+        r = {impl: idx.get((kind, mode, impl)) for impl in IMPLS}
+        if any(v is None for v in r.values()):
+            continue
+        rows.append([r["fused"].get("title", kind), mode] + [f"{us(r[i]):.1f}" for i in IMPLS] + [
+            f"{us(r['torch_sn']) / us(r['fused']):.2f}x", f"{us(r['fused']) / us(r['identity']):.2f}"])
+    if markdown:
+        return md_table(head, rows)
+    return text_table(head, rows, aligns=["<", "<"] + [">"] * (len(head) - 2))
 
+
+def host_goals_text(goals):
+    return "\n".join(f"  {status_text(g)}: {g['goal']}: {goal_numbers(g)}"
+                     + (f" [{g['caveat']}]" if g["caveat"] else "") for g in goals)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bsn_cuda.benchmark.host_overhead", description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N) [1]")
     args = p.parse_args(argv)

@@ -190,7 +190,7 @@ def kernel_floor(suite, forwards, budget):
 
     Every layer has its own preallocated weight, vectors and gradient; a step is
     ``forwards`` passes of SN forwards over all layers (the C++ entry point under
-    no_grad: no autograd node), then one ``torch.ops.bsn_cuda.sn_backward`` per
+    no_grad: no autograd node), then one ``bsn_cuda::sn_backward`` per
     layer in reverse order, as a training step orders them. No module,
     parametrization or autograd machinery. Timing the layers as one sequence
     makes the floor pay the same cache misses as a step (a model's weights,
@@ -209,7 +209,7 @@ def kernel_floor(suite, forwards, budget):
                     states[i] = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1]
         for i in reversed(range(len(layers))):
             w, _, _, g = layers[i]
-            torch.ops.bsn_cuda.sn_backward(g, w, states[i], 0, 1.0)
+            _ops.sn_backward(g, w, states[i], 0, 1.0)
 
     warm_up_cpu(sequence, lambda: None, budget)
     return time_cpu_interleaved({"floor": (sequence, lambda: None)}, budget)["floor"]
@@ -230,7 +230,7 @@ def kernel_floor_hot(suite, forwards, budget):
             with torch.no_grad():
                 for _ in range(forwards):
                     state = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1]
-            torch.ops.bsn_cuda.sn_backward(g, w, state, 0, 1.0)
+            _ops.sn_backward(g, w, state, 0, 1.0)
 
         warm_up_cpu(call, lambda: None, budget)
         total += time_cpu_interleaved({"floor": (call, lambda: None)}, budget)["floor"]["median_s"] * count
@@ -268,20 +268,20 @@ def run_model_steps(suites, forwards_list, budget=None, write=print, compiled=Fa
 
 def _captured_group_call(model):
     """The arguments of the group_forward call a training forward of ``model`` makes."""
-    from .. import _group_ops
+    from .. import _ops
 
     captured = []
-    real = _group_ops.group_forward
+    real = _ops.group_forward
 
     def spy(*args):
         captured.append(args)
         return real(*args)
 
-    _group_ops.group_forward = spy
+    _ops.group_forward = spy
     try:
         model.__dict__["_bsn_spectral_norm_group"].compute()
     finally:
-        _group_ops.group_forward = real
+        _ops.group_forward = real
     return captured[0]
 
 
@@ -300,14 +300,14 @@ def grouped_breakdown(suite, budget=None):
     gradients. Returns ``{part: stats}``; :func:`breakdown_table` derives the
     per-layer parts from them.
     """
-    from .. import _group_ops
+    from .. import _ops
 
     budget = budget or Budget(warmup=3, min_reps=20, max_reps=400, min_time=0.4, max_time=2.0)
     identity, grouped = build_model(suite, "identity"), build_model(suite, "grouped_forward")
     group = grouped.__dict__["_bsn_spectral_norm_group"]
     args = _captured_group_call(grouped)
     weights, _, kinds, dims, _, _, scales, _, _ = args
-    _, states = _group_ops.group_forward(*[list(a) if isinstance(a, list) else a for a in args])
+    _, states = _ops.group_forward(*[list(a) if isinstance(a, list) else a for a in args])
     detached = [w.detach() for w in weights]
     grads = [torch.ones_like(w) for w in detached]
     params = {m: list(m.parameters()) for m in (identity, grouped)}
@@ -329,9 +329,8 @@ def grouped_breakdown(suite, budget=None):
         "grouped_forward": (forward(grouped), nothing),
         "grouped_step": (step(grouped), nothing),
         "group_compute": (group.compute, nothing),
-        "group_op_forward": (lambda: _group_ops.group_forward(*args), nothing),
-        "group_op_backward": (lambda: torch.ops.bsn_cuda.group_backward(grads, detached, states, kinds, dims,
-                                                                          scales), nothing),
+        "group_op_forward": (lambda: _ops.group_forward(*args), nothing),
+        "group_op_backward": (lambda: _ops.group_backward(grads, detached, states, kinds, dims, scales), nothing),
     }
     for call, reset in cases.values():
         warm_up_cpu(call, reset, budget)

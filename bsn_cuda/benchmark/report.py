@@ -3,10 +3,11 @@ end-to-end step, the host-overhead section and the environment."""
 
 from __future__ import annotations
 
-from . import host_overhead as host
+from .host_overhead import host_goals_text, host_table
 from .impls import comparison_title, impl_title
 from .suites import BSN_RATIO, COMPARISONS, E2E, FUSED, SUITES, bsn_effective
 from .summary import index, ratio
+from .tables import goal_numbers, md_table, status_text, text_table
 
 __all__ = ["FALLBACK_WARNING", "suite_tables", "summary_table", "goals_text", "e2e_table", "env_text",
            "host_table", "host_goals_text", "status_text", "goal_numbers", "load_note", "disturbed", "to_markdown",
@@ -38,24 +39,6 @@ def _cell(rec):
     if "skipped" in rec:
         return "skip"
     return "ERR"
-
-
-def text_table(headers, rows, aligns=None):
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(headers)]
-    aligns = aligns or ["<"] + [">"] * (len(headers) - 1)
-    def line(cells):
-        return "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, aligns, widths))
-    out = [line(headers), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
-
-
-def md_table(headers, rows, n_left=2):
-    out = ["| " + " | ".join(headers) + " |",
-           "|" + "|".join(["---"] * n_left + ["---:"] * (len(headers) - n_left)) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def _layer_rows(records, device, suite, mode, impls, native, gpu=False):
@@ -167,24 +150,6 @@ def summary_table(result, markdown=False, wall=False):
     if markdown:
         return md_table(headers, rows, 3)
     return text_table(headers, rows)
-
-
-def status_text(goal):
-    """A goal's verdict as the reports write it (MET / NOT MET stand out)."""
-    st = goal["status"]
-    return st.upper() if st in ("met", "NOT met") else st
-
-
-def goal_numbers(goal):
-    """'value (op threshold; margin, spread)' of a judged goal."""
-    if goal["value"] is None:
-        return "-"
-    thr = "-" if goal["threshold"] is None else f"{goal['threshold']:.3g}"
-    out = f"{goal['value']:.2f} ({goal['op']} {thr}"
-    if goal.get("margin") is not None:
-        out += f"; margin {goal['margin']:+.2f}"
-        out += "" if goal.get("spread") is None else f", spread {goal['spread']:.2f}"
-    return out + ")"
 
 
 def goals_text(result, markdown=False):
@@ -347,29 +312,6 @@ def to_markdown(result):
         "",
     ]
     return "\n".join(parts)
-
-
-def host_table(records, markdown=False):
-    """µs per call (median) for each kind and mode, with the ratios the host goals use."""
-    idx = host.host_index(records)
-    us = host.us_per_call
-    head = ["weight", "mode", "identity", "torch SN", "fused", "functional", "fused vs torch", "fused / identity"]
-    rows = []
-    # kinds and modes in the records' order: a saved run may have modes this version does not
-    for kind, mode in dict.fromkeys((r["kind"], r["mode"]) for r in records):
-        r = {impl: idx.get((kind, mode, impl)) for impl in host.IMPLS}
-        if any(v is None for v in r.values()):
-            continue
-        rows.append([r["fused"].get("title", kind), mode] + [f"{us(r[i]):.1f}" for i in host.IMPLS] + [
-            f"{us(r['torch_sn']) / us(r['fused']):.2f}x", f"{us(r['fused']) / us(r['identity']):.2f}"])
-    if markdown:
-        return md_table(head, rows)
-    return text_table(head, rows, aligns=["<", "<"] + [">"] * (len(head) - 2))
-
-
-def host_goals_text(goals):
-    return "\n".join(f"  {status_text(g)}: {g['goal']}: {goal_numbers(g)}"
-                     + (f" [{g['caveat']}]" if g["caveat"] else "") for g in goals)
 
 
 def print_goals_and_summary(result, write):

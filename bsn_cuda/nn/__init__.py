@@ -19,24 +19,18 @@ Differences from torch: a weight whose estimated sigma is exactly 0 (e.g. all
 zeros) is returned as ``scale * W`` instead of NaN; a non-finite weight leaves
 the power-iteration vectors unchanged instead of filling them with NaN.
 
-Layout: ``parametrizations`` (the SN/BSN parametrization classes), ``api``
-(register/remove/convert/apply/get_sigma), ``legacy`` (the fused hook-based
-flavour), ``compat`` (legacy checkpoints into the parametrization),
+Layout: ``parametrizations`` (the SN/BSN parametrization classes),
+``registration`` (register, remove, apply to a model), ``conversion`` (from
+torch's SN, both flavours, and legacy checkpoints), ``sigma`` (get_sigma),
+``legacy`` (the fused hook-based flavour), ``conv_sn`` (strict SN of a
+convolution's operator), ``grouping`` (one op call for many layers),
 ``pickling``, ``checkpoint`` (activation checkpointing), ``eval_cache`` (the
 opt-in eval cache, :func:`cached`), ``utils`` (torch's namespace, mirrored).
 """
 
 from . import utils
-from .api import (
-    SPECTRAL_NORM_LAYERS,
-    apply_spectral_norm,
-    bidirectional_spectral_norm,
-    convert_spectral_norm,
-    get_sigma,
-    remove_spectral_norm,
-    spectral_norm,
-)
 from .checkpoint import spectral_norm_checkpoint_context
+from .conversion import convert_spectral_norm
 from .eval_cache import cached
 from .grouping import (
     group_spectral_norm,
@@ -47,6 +41,14 @@ from .grouping import (
 )
 from .legacy import FusedLegacySpectralNorm
 from .parametrizations import PARAMETRIZATIONS, BidirectionalSpectralNorm, SpectralNorm
+from .registration import (
+    SPECTRAL_NORM_LAYERS,
+    apply_spectral_norm,
+    bidirectional_spectral_norm,
+    remove_spectral_norm,
+    spectral_norm,
+)
+from .sigma import get_sigma
 
 
 __all__ = [

@@ -14,7 +14,7 @@ __all__ = ["spectral_norm_checkpoint_context"]
 def _save_spectral_norm_policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if _ops.HAS_EXTENSION and op in (torch.ops.bsn_cuda.sn_forward.default, torch.ops.bsn_cuda.bsn_forward.default):
+    if op in _ops.FORWARD_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -28,7 +28,9 @@ import weakref
 
 import torch
 
-__all__ = ["cached", "enabled", "lookup", "store"]
+from .. import _context
+
+__all__ = ["cached", "enabled", "applies", "lookup", "store"]
 
 _depth = 0
 _owners = weakref.WeakSet()  # objects holding an entry, emptied when the outermost context closes
@@ -61,6 +63,18 @@ def cached():
 def enabled():
     """True inside :func:`cached`."""
     return _depth > 0
+
+
+def applies(weight):
+    """Whether an eval forward of ``weight`` may use the cache (every owner asks here).
+
+    Inside :func:`cached`, with no autograd graph recorded (no_grad, or a weight
+    that does not require grad), not an inference tensor (its version counter
+    is not tracked), and nothing tracing or transforming the call (compile,
+    export, jit, torch.func). A training forward never may; its caller says so.
+    """
+    return (_depth > 0 and not (weight.requires_grad and torch.is_grad_enabled()) and not weight.is_inference()
+            and _context.is_plain_eager())
 
 
 def _key(weight, vectors, out):

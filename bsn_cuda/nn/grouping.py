@@ -43,7 +43,8 @@ import sys
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .. import _context, _group_ops, _ops, onnx_export
+from .. import _context, _onnx_export, _ops
+from .._contract import KIND_BSN, KIND_SN, KIND_SN_TRANSPOSED
 from .._checks import check_module
 from . import eval_cache
 from .legacy import _FUSED_COMPUTE_WEIGHT, FusedLegacySpectralNorm, legacy_forward
@@ -56,7 +57,7 @@ __all__ = [
 
 UPDATE_MODES = ("forward", "once", "never")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_KIND_SN, _KIND_BSN, _KIND_T = _group_ops.KIND_SN, _group_ops.KIND_BSN, _group_ops.KIND_SN_TRANSPOSED
+_KIND_SN, _KIND_BSN, _KIND_T = KIND_SN, KIND_BSN, KIND_SN_TRANSPOSED
 # The innermost saved-tensor hooks (torch >= 2.5; None before: the recomputation below is then not recognised,
 # the layer takes its own path, and torch's checkpoint refuses the mismatch instead of computing wrongly).
 _saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -223,7 +224,7 @@ def _once(owner):
 
 
 def _eager_only(mode):
-    if _context.is_compiling() or _context.eager_transforms_active() or torch.jit.is_tracing():
+    if not _context.is_plain_eager():
         raise RuntimeError(
             f"bsn_cuda: expected update='{mode}' in plain eager execution, got a call under torch.compile, "
             "jit tracing or torch.func (its shared W_sn is eager state); use update='never' with "
@@ -274,7 +275,7 @@ def _intercept(owner, module, weight):
             if last is not None and last[0][i] is weight and last[1][i] is not None:
                 return last[1][i]
     mode = owner.__dict__.get("_bsn_update", "forward")
-    if mode == "forward" or not _layer_training(owner, module) or onnx_export.is_exporting():
+    if mode == "forward" or not _layer_training(owner, module) or _onnx_export.is_exporting():
         return None
     if _context.in_backward_pass():  # a checkpoint recomputation: the usual path (no update)
         return None
@@ -364,8 +365,7 @@ class SpectralNormGroup:
 
     def _pre_hook(self, model, args):
         self._outs = self._weights = None
-        if (_context.is_compiling() or torch.jit.is_tracing() or _context.eager_transforms_active()
-                or onnx_export.is_exporting()):
+        if not _context.is_plain_eager() or _onnx_export.is_exporting():
             return  # the layers run per layer (what those tracers and transforms support)
         self._outs, self._weights = self.compute(recompute=_context.in_backward_pass())
 
@@ -382,7 +382,7 @@ class SpectralNormGroup:
         cache = eval_cache.enabled()
         writable = not recompute and _ops.log_writable()
         sharded = self._fsdp_layers()
-        on_cpu, on_cuda = "cpu" in _group_ops.GROUP_DEVICES, "cuda" in _group_ops.GROUP_DEVICES
+        on_cpu, on_cuda = "cpu" in _ops.GROUP_DEVICES, "cuda" in _ops.GROUP_DEVICES
         for i, (owner, module, key) in enumerate(self.layers):
             w = module._parameters.get(key)
             if (w is None or type(w) not in _PLAIN or not ((on_cpu and w.is_cpu) or (on_cuda and w.is_cuda))
@@ -445,7 +445,7 @@ class SpectralNormGroup:
             taken = set(index)
             once = [i for i in once if i in taken]
         if ws:
-            new_outs, _ = _group_ops.group_forward(ws, vecs, kinds, dims, iters, eps, scales, update, logs)
+            new_outs, _ = _ops.group_forward(ws, vecs, kinds, dims, iters, eps, scales, update, logs)
             for i, out in zip(index, new_outs):
                 outs[i] = out
             if once:

@@ -33,26 +33,22 @@ called, so assigning ours over torch's names
 import sys
 
 import torch
-import torch.nn.functional as F
 import torch.nn.utils.spectral_norm  # noqa: F401  (loads the module; the attribute is the function)
 from torch import nn
 
-from .. import _checks, _context, _ops, onnx_export
+from .. import _checks, _context, _onnx_export, _ops
+from ..functional import draw_unit_vectors
 from . import eval_cache
-from .compat import unwrap_hook
 
 __all__ = [
     "FusedLegacySpectralNorm", "SpectralNormStateDictHook", "SpectralNormLoadStateDictPreHook", "spectral_norm",
-    "remove_spectral_norm", "fuse_legacy_hook", "legacy_hook", "drop_state_dict_hooks",
+    "remove_spectral_norm", "legacy_hook", "drop_state_dict_hooks", "unwrap_hook",
 ]
 
 _TORCH_LEGACY = sys.modules["torch.nn.utils.spectral_norm"]
 TorchLegacySpectralNorm = _TORCH_LEGACY.SpectralNorm
 SpectralNormStateDictHook = _TORCH_LEGACY.SpectralNormStateDictHook
 SpectralNormLoadStateDictPreHook = _TORCH_LEGACY.SpectralNormLoadStateDictPreHook
-
-# The eager entry point of the legacy order (csrc/python_api.cpp), or None without the extension.
-_FAST_TRANSPOSED = _ops.FAST_SN_FORWARD_TRANSPOSED
 
 # Layers whose default SN dim is 1 (torch's rule, both flavours).
 CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -68,6 +64,7 @@ def legacy_forward(weight, u, v, dim, n_power_iterations, eps, update, transpose
     transposed=True``: no iteration, and an autograd graph that saves the same
     tensors, in the same order, as the forward it replays.
     ``coeff``: the soft bound ``W / max(1, sigma / coeff)`` (docs/design.md, Variants).
+    The v-first order itself is :func:`bsn_cuda._ops.sn_forward_transposed`'s.
     """
     if transposed is None:
         transposed = update
@@ -130,9 +127,8 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
                 f"spectral_norm: expected '{name}' to be initialized, got an uninitialized parameter; "
                 "run a dummy forward through the lazy module first")
         with torch.no_grad():
-            rows, cols = fn.reshape_weight_to_matrix(weight).shape
-            u = F.normalize(weight.new_empty(rows).normal_(0, 1), dim=0, eps=fn.eps)
-            v = F.normalize(weight.new_empty(cols).normal_(0, 1), dim=0, eps=fn.eps)
+            fn.reshape_weight_to_matrix(weight)  # torch's checks of the weight's shape, with its errors
+            u, v = draw_unit_vectors(weight, fn.dim, fn.eps)
         delattr(module, name)
         module.register_parameter(name + "_orig", weight)
         setattr(module, name, weight.data)  # a plain tensor until the first forward, as torch's
@@ -157,23 +153,18 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
             # A training forward re-run by activation checkpointing (inside
             # backward) does not iterate again, but builds the same graph.
             update = training and not _context.in_backward_pass()
-            result = None
-            if (training and self.dim == 0 and self.coeff is None and _FAST_TRANSPOSED is not None
-                    and _context.is_plain_eager()
-                    and not onnx_export.is_exporting()):
-                # The eager training forward of a dim-0 layer (nearly every one):
-                # the C++ entry point directly, without compute_weight's layers of
-                # calls. It returns None where the general path is needed. Not
-                # while jit traces (is_plain_eager): it reshapes outside the
-                # dispatcher, which a trace would not record.
-                weight, u, v = params.get(name + "_orig"), buffers.get(name + "_u"), buffers.get(name + "_v")
-                if weight is not None and u is not None and v is not None:
-                    result = _FAST_TRANSPOSED(weight, u, v, self.n_power_iterations, self.eps, 1.0, update)
-            if result is not None:
-                if self._cache is not None:
-                    self._cache = None
-                weight = result[0]
-            else:
+            if training and self.dim == 0 and self.coeff is None:
+                # The training forward of a dim-0 layer (nearly every one) is the
+                # legacy-order op on the weight as it is: called here directly, as
+                # _compute -> legacy_forward would, without their layers of calls
+                # (about 2 us of a 8 us forward on a tiny weight).
+                w, u, v = params.get(name + "_orig"), buffers.get(name + "_u"), buffers.get(name + "_v")
+                if (w is not None and u is not None and v is not None and w.dtype in _checks.REAL_DTYPES
+                        and not _onnx_export.is_exporting()):
+                    if self._cache is not None:
+                        self._cache = None
+                    weight = _ops.sn_forward_transposed(w, u, v, self.n_power_iterations, self.eps, 1.0, update)[0]
+            if weight is None:
                 weight = self._compute(module, update, training)
         if _context.is_compiling() or name in params or name in buffers:
             setattr(module, name, weight)
@@ -195,13 +186,12 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
         v = buffers.get(name + "_v")
         if u is None or v is None:
             u, v = getattr(module, name + "_u"), getattr(module, name + "_v")
-        if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops, no u/v update
-            onnx_export.check_eval(update, "nn.utils.spectral_norm")
-            return onnx_export.sn_eval_graph(weight, u, v, self.dim)
+        if _onnx_export.is_exporting():  # ONNX: the eval formula in plain ops, no u/v update
+            _onnx_export.check_eval(update, "nn.utils.spectral_norm")
+            return _onnx_export.sn_eval_graph(weight, u, v, self.dim)
         if weight.dtype not in _checks.REAL_DTYPES:  # complex: torch's own computation
             return TorchLegacySpectralNorm.compute_weight(self, module, update)
-        if (transposed or not eval_cache.enabled() or (torch.is_grad_enabled() and weight.requires_grad)
-                or weight.is_inference() or not _context.is_plain_eager()):
+        if transposed or not eval_cache.applies(weight):
             if self._cache is not None:
                 self._cache = None
             return legacy_forward(weight, u, v, self.dim, self.n_power_iterations, self.eps, update, transposed,
@@ -221,18 +211,6 @@ class FusedLegacySpectralNorm(TorchLegacySpectralNorm):
 
 
 _FUSED_COMPUTE_WEIGHT = FusedLegacySpectralNorm.compute_weight
-
-
-def fuse_legacy_hook(hook):
-    """Make a torch legacy SN hook (``torch.nn.utils.spectral_norm``) compute with the fused op, in place.
-
-    The hook object stays the same (its state-dict hooks refer to it), so the
-    module's keys, buffers and vectors are untouched.
-    """
-    if not isinstance(hook, TorchLegacySpectralNorm):
-        raise TypeError(f"expected a torch.nn.utils.spectral_norm hook, got {type(hook).__name__}")
-    hook.__class__ = FusedLegacySpectralNorm
-    return hook
 
 
 def legacy_hook(module, name):
@@ -264,6 +242,11 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
     if coeff is not None:
         hook.coeff = coeff
     return module
+
+
+def unwrap_hook(hook):
+    """The hook object itself (torch wraps hooks stored with ``with_module`` in _WrappedHook)."""
+    return getattr(hook, "hook", hook)
 
 
 def drop_state_dict_hooks(module, name):

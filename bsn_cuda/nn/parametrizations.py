@@ -13,17 +13,18 @@ sigma log is written by the op's fast entry point (``bsn_cuda._ops``).
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .. import _complex, _context, _ops, onnx_export, reference
+from .. import _complex, _context, _onnx_export, _ops, reference
 from . import eval_cache
-from .._checks import check_dim, check_hyperparameters, check_n_power_iterations, check_variant_kwargs, check_weight
-from ..functional import uses_single_matricization
+from .._checks import (check_dim, check_hyperparameters, check_module, check_n_power_iterations, check_name,
+                       check_variant_kwargs, check_weight)
+from ..functional import WARM_UP_ITERATIONS, draw_unit_vectors, uses_single_matricization
 
-__all__ = ["SpectralNorm", "BidirectionalSpectralNorm", "uses_single_matricization"]
+__all__ = ["SpectralNorm", "BidirectionalSpectralNorm", "PARAMETRIZATIONS", "find_parametrization",
+           "uses_single_matricization"]
 
-WARM_UP_ITERATIONS = 15  # torch's _SpectralNorm warm-up at registration
 # Learnable scale: gamma starts at sigma from a power iteration run to this relative change.
 GAMMA_INIT_TOL = 1e-6
 GAMMA_INIT_MAX_ITER = 1000
@@ -74,25 +75,19 @@ class _NormParametrization(nn.Module):
             out = self._intercept(self, weight)
             if out is not None:
                 return out
-        if onnx_export.is_exporting():  # ONNX: the eval formula in plain ops (no fused op, no u/v update)
-            onnx_export.check_eval(self.training, type(self).__name__)
-            return onnx_export.eval_graph(self, weight)
+        if _onnx_export.is_exporting():  # ONNX: the eval formula in plain ops (no fused op, no u/v update)
+            _onnx_export.check_eval(self.training, type(self).__name__)
+            return _onnx_export.eval_graph(self, weight)
         if self.training:
             if self._cache is not None:  # (a plain assignment costs a Module.__setattr__ per call)
                 self._cache = None
             if _context.in_backward_pass():  # a checkpoint recomputation: no second update
                 return self._run(weight, self.n_power_iterations, False, None)[0]
             return self._run(weight, self.n_power_iterations, True, self._buffers[self._LOG])[0]
-        if torch.is_grad_enabled() and weight.requires_grad:  # autograd records: no cache
+        log = self._buffers[self._LOG]
+        if not eval_cache.applies(weight):
             if self._cache is not None:
                 self._cache = None
-            return self._run(weight, self.n_power_iterations, False, self._buffers[self._LOG])[0]
-        return self._eval_no_graph(weight)
-
-    def _eval_no_graph(self, weight):
-        log = self._buffers[self._LOG]
-        # The cache is opt-in (bsn_cuda.cached()) and eager-only.
-        if not eval_cache.enabled() or not _context.is_plain_eager() or weight.is_inference():
             return self._run(weight, self.n_power_iterations, False, log)[0]
         vectors = [self._buffers[name] for name in self._vector_names]
         out = eval_cache.lookup(self._cache, weight, vectors)
@@ -238,15 +233,11 @@ class SpectralNorm(_NormParametrization):
         self._vector_names = ("_u", "_v") if weight.ndim > 1 else ()
         if weight.ndim == 1:
             return
-        rows = weight.shape[self.dim]
-        cols = weight.numel() // rows
         with torch.no_grad():
             if vectors is None:
-                # torch's order: draw u, draw v, then normalize both; then warm up.
-                u = weight.new_empty(rows).normal_(0, 1)
-                v = weight.new_empty(cols).normal_(0, 1)
-                self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
-                self.register_buffer("_v", F.normalize(v, dim=0, eps=eps))
+                u, v = draw_unit_vectors(weight, self.dim, eps)
+                self.register_buffer("_u", u)
+                self.register_buffer("_v", v)
                 self._run(weight.detach(), WARM_UP_ITERATIONS, True, None)
             else:
                 u, v = vectors
@@ -310,11 +301,9 @@ class BidirectionalSpectralNorm(_NormParametrization):
         self._vector_names = tuple(f"_{x}{k}" for k in dims for x in "uv")
         with torch.no_grad():
             for k in dims:
-                rows = weight.shape[k]
-                u = weight.new_empty(rows).normal_(0, 1)
-                v = weight.new_empty(weight.numel() // rows).normal_(0, 1)
-                self.register_buffer(f"_u{k}", F.normalize(u, dim=0, eps=eps))
-                self.register_buffer(f"_v{k}", F.normalize(v, dim=0, eps=eps))
+                u, v = draw_unit_vectors(weight, k, eps)
+                self.register_buffer(f"_u{k}", u)
+                self.register_buffer(f"_v{k}", v)
             self._run(weight.detach(), WARM_UP_ITERATIONS, True, None, plain=True)
         self._finish_variant(weight)
 
@@ -359,3 +348,14 @@ def _variant_repr(p):
 
 
 PARAMETRIZATIONS = (SpectralNorm, BidirectionalSpectralNorm)
+
+
+def find_parametrization(module, name):
+    """Our SN or BSN parametrization of ``module.<name>`` (the first one), or ValueError."""
+    check_module(module)
+    check_name(name)
+    if parametrize.is_parametrized(module, name):
+        for p in module.parametrizations[name]:
+            if isinstance(p, PARAMETRIZATIONS):
+                return p
+    raise ValueError(f"spectral_norm of '{name}' not found in {module}")

@@ -33,7 +33,7 @@
 #include <torch/library.h>
 
 #include "cuda/launch.h"
-#include "cuda/sn_cuda.h"
+#include "cuda/ops_cuda.h"
 #include "group.h"
 
 namespace bsn {

@@ -43,9 +43,9 @@
 //   Multi:  large weights (or no cooperative launch): one kernel per phase:
 //           A, B, [C], D = 3 (SN) or 4 (BSN) launches for one power iteration,
 //           +3/+4 per extra iteration; eval: 2; backward: 2.
-// BSN_CUDA_MODE=single|coop|multi (read by sn_cuda.cpp) forces a mode for tests
+// BSN_CUDA_MODE=single|coop|multi (read by ops_cuda.cpp) forces a mode for tests
 // and benchmarks; the default (auto) picks by size, and does not use Coop while
-// the stream is being captured into a CUDA graph (sn_cuda.cpp; inside a graph
+// the stream is being captured into a CUDA graph (ops_cuda.cpp; inside a graph
 // the launch overhead Coop saves is gone, and plain launches are the safest to
 // capture). Why cooperative groups rather than a hand-made grid barrier: the
 // launch API guarantees co-residency (or fails cleanly), and grid.sync() gives
@@ -93,7 +93,7 @@
 // phases and kernels of the forward, instantiated per dtype in
 // forward_<dtype>.cu (one translation unit each); backward.cuh / backward.cu  the backward's;
 // group.cuh / group_<dtype>.cu  the grouped kernels; launch.cu  (this file) grids,
-// occupancy, launches; sn_cuda.cpp  the ops' CUDA dispatch (torch side); group_cuda.cpp
+// occupancy, launches; ops_cuda.cpp  the ops' CUDA dispatch (torch side); group_cuda.cpp
 // the grouped ops' (torch side).
 
 #include "cuda/launch.h"

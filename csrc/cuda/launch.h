@@ -1,5 +1,5 @@
 // Launchers of the CUDA kernels (launch.cu). No torch headers here: the host
-// code (sn_cuda.cpp) plans a call (plan.h), allocates the workspace the plan
+// code (ops_cuda.cpp) plans a call (plan.h), allocates the workspace the plan
 // asks for and calls launch_forward / launch_backward with the weight's type.
 #pragma once
 

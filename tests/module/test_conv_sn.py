@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import bsn_cuda
-from bsn_cuda.conv_sn import ConvOperator, conv_operator_norm, get_conv_sigma
+from bsn_cuda.nn.conv_sn import ConvOperator, conv_operator_norm, get_conv_sigma
 
 
 def _transpose_forward(module, x, weight):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bsn_cuda
-from bsn_cuda import _group_ops, _ops
+from bsn_cuda import _ops
 from bsn_cuda.nn import grouping
 from grouping_models import MODELS, build
 
@@ -87,13 +87,13 @@ def test_forward_mode_is_torch_behaviour_per_layer():
 
 def _count_calls(monkeypatch):
     calls = {"group": 0, "layer": 0}
-    group_forward = _group_ops.group_forward
+    group_forward = _ops.group_forward
 
     def counting_group(*args, **kwargs):
         calls["group"] += 1
         return group_forward(*args, **kwargs)
 
-    monkeypatch.setattr(_group_ops, "group_forward", counting_group)
+    monkeypatch.setattr(_ops, "group_forward", counting_group)
     for name in ("sn_forward", "bsn_forward", "sn_forward_transposed"):
         fn = getattr(_ops, name)
 
@@ -102,7 +102,6 @@ def _count_calls(monkeypatch):
             return _fn(*args, **kwargs)
 
         monkeypatch.setattr(_ops, name, counting)
-    monkeypatch.setattr(bsn_cuda.nn.legacy, "_FAST_TRANSPOSED", None)  # legacy calls go through _ops
     return calls
 
 
@@ -520,13 +519,13 @@ def test_layers_under_an_fsdp2_unit_run_per_layer(mode, monkeypatch):
     block.__class__ = type("FSDP" + type(block).__name__, (_FakeShardUnit, type(block)), {})
     group = model._bsn_spectral_norm_group
     seen = []
-    original = _group_ops.group_forward
+    original = _ops.group_forward
 
     def spy(weights, *rest):
         seen.append({id(w) for w in weights})
         return original(weights, *rest)
 
-    monkeypatch.setattr(_group_ops, "group_forward", spy)
+    monkeypatch.setattr(_ops, "group_forward", spy)
     model(*inputs)
     inside = {id(p) for p in block.parameters()}
     assert seen and not (seen[-1] & inside) and len(seen[-1]) == len(group.layers) - 3

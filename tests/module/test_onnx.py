@@ -1,7 +1,7 @@
 """ONNX export of models using bsn_cuda's SN / BSN, with both exporters.
 
 ``torch.onnx.export(..., dynamo=False)`` (TorchScript exporter) and
-``dynamo=True`` trace the eval-mode formula of :mod:`bsn_cuda.onnx_export`
+``dynamo=True`` trace the eval-mode formula of :mod:`bsn_cuda._onnx_export`
 instead of the fused op; onnxruntime's outputs must equal eager eval outputs
 (float32, 1e-5 relative to the output's size). Also: the zero rule survives
 export, exporting changes no state, and training mode is refused with a clear

@@ -5,7 +5,7 @@ Three implementations of the checks run each case:
 
 * ``cpp``: ``torch.ops.bsn_cuda.<op>`` on CPU tensors (csrc/host.cpp);
 * ``fake``: the same call under FakeTensorMode (the fake kernels of
-  bsn_cuda/_ops.py, through the op's registration), and ``fake_kernel``: the
+  bsn_cuda/_fakes.py, through the op's registration), and ``fake_kernel``: the
   fake kernel function itself, which needs no compiled extension;
 * ``reference``: ``bsn_cuda.reference.<op>``.
 
@@ -20,7 +20,7 @@ from conftest import CUDA_USABLE, requires_ops
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from bsn_cuda import _ops, reference
+from bsn_cuda import _fakes, _ops, reference
 
 # A second device for the mixed-device cases. On a CPU-only machine it is
 # "meta", and a call mixing meta and CPU tensors dispatches to the fake kernel
@@ -34,10 +34,10 @@ SN_STATE = 1 + 4 + 6
 BSN_STATE = 3 + 4 + 6 + 3 + 8
 
 FAKE_KERNELS = {
-    "sn_forward": _ops._fake_sn_forward,
-    "bsn_forward": _ops._fake_bsn_forward,
-    "sn_backward": _ops._fake_sn_backward,
-    "bsn_backward": _ops._fake_bsn_backward,
+    "sn_forward": _fakes.sn_forward,
+    "bsn_forward": _fakes.bsn_forward,
+    "sn_backward": _fakes.sn_backward,
+    "bsn_backward": _fakes.bsn_backward,
 }
 
 

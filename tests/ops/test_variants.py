@@ -10,7 +10,7 @@ import torch
 from conftest import DEVICES, assert_close, requires_ops
 from op_inputs import make_weight, warm_vectors
 
-from bsn_cuda import _ops, reference
+from bsn_cuda import _contract, _ops, reference
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # (kind, shape, dim): SN along dim 0 and 1, BSN.
@@ -57,7 +57,7 @@ def test_ops_match_reference(device, dtype, kind, shape, dim, coeff, gamma_value
     gen = torch.Generator().manual_seed(3)
     weight = make_weight(shape, dtype, device, gen)
     vectors = _vectors(kind, weight, dim, gen)
-    acc = _ops._contract.acc_dtype(dtype)
+    acc = _contract.acc_dtype(dtype)
     gamma = None if gamma_value is None else torch.tensor(gamma_value, dtype=acc, device=device)
     fwd, bwd = _ops_of(kind)
     rfwd, rbwd = _ref_of(kind)

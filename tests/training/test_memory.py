@@ -1,6 +1,6 @@
 """Memory over a training run: no growth in live tensors or Python objects.
 
-scripts/memory_soak.py runs the same check over thousands of steps (RSS and
+tests/training/memory_soak.py runs the same check over thousands of steps (RSS and
 CUDA memory included); this is its quick form.
 """
 

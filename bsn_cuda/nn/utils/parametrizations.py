@@ -7,7 +7,7 @@
 
 import torch.nn.utils.parametrizations as _torch_parametrizations
 
-from ..api import bidirectional_spectral_norm, spectral_norm
+from ..registration import bidirectional_spectral_norm, spectral_norm
 
 __all__ = list(dict.fromkeys([*getattr(_torch_parametrizations, "__all__", ()), "spectral_norm",
                               "bidirectional_spectral_norm"]))

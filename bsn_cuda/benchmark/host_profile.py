@@ -13,7 +13,7 @@ that stand between ``module.weight`` and the kernel, from the outside in:
   ..inference       the same under inference_mode (no Autograd dispatch at all)
   torch.ops call    torch.ops.bsn_cuda.sn_forward (schema-parsed Python call)
 
-Run: ``python tools/host_profile.py`` (1 thread).
+Run: ``python -m bsn_cuda.benchmark.host_profile`` (1 thread).
 """
 
 import time
@@ -23,8 +23,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import bsn_cuda
-from bsn_cuda import _C, _ops
-from bsn_cuda.benchmark.host_overhead import Identity
+
+from .. import _ops
+from .host_overhead import Identity
 
 
 def main(rounds=25, calls=400):
@@ -42,7 +43,7 @@ def main(rounds=25, calls=400):
 
     def inference():
         with torch.inference_mode():
-            return _C.sn_forward(w_plain, u, v, 0, 1, 1e-12, 1.0, True, None)
+            return _ops.FAST_SN_FORWARD(w_plain, u, v, 0, 1, 1e-12, 1.0, True, None)
 
     steps = {
         "identity.weight": lambda: ident.weight,
@@ -50,10 +51,10 @@ def main(rounds=25, calls=400):
         "ours.weight": lambda: ours.weight,
         "norm(W)": lambda: norm(w),
         "_ops.sn_forward": lambda: _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True, log),
-        "_C.sn_forward": lambda: _C.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True, log),
-        "..no graph": lambda: _C.sn_forward(w_plain, u, v, 0, 1, 1e-12, 1.0, True, None),
+        "_C.sn_forward": lambda: _ops.FAST_SN_FORWARD(w, u, v, 0, 1, 1e-12, 1.0, True, log),
+        "..no graph": lambda: _ops.FAST_SN_FORWARD(w_plain, u, v, 0, 1, 1e-12, 1.0, True, None),
         "..inference": inference,
-        "torch.ops call": lambda: torch.ops.bsn_cuda.sn_forward.default(w, u, v, 0, 1, 1e-12, 1.0, True),
+        "torch.ops call": lambda: _ops.SN_FORWARD_OP(w, u, v, 0, 1, 1e-12, 1.0, True),
     }
     best = {k: float("inf") for k in steps}
     for _ in range(rounds):

@@ -19,7 +19,7 @@
 #include <torch/library.h>
 
 #include "cuda/launch.h"
-#include "cuda/sn_cuda.h"
+#include "cuda/ops_cuda.h"
 #include "host.h"
 
 namespace bsn {

@@ -15,7 +15,7 @@ passes:
   BSN eval    pass 1 without t0 (s0, s1), plus the output write
   W * c       the output write alone (an elementwise product: allocation + one read + one write)
 
-Run: ``python tools/bsn_cost.py``.
+Run: ``python -m bsn_cuda.benchmark.bsn_cost``.
 """
 
 import math
@@ -23,8 +23,7 @@ import time
 
 import torch
 
-import bsn_cuda
-from bsn_cuda import _C
+from .. import _ops
 
 # The SNGAN CIFAR discriminator's conv layers (benchmark suite sngan_cnn).
 SHAPES = [(64, 3, 3, 3), (64, 64, 4, 4), (128, 64, 3, 3), (128, 128, 4, 4), (256, 128, 3, 3),
@@ -47,10 +46,10 @@ def measure(shape, rounds=7):
     u1, v1 = torch.randn(c_in, generator=g), torch.randn(c_out * r, generator=g)
     calls = max(10, int(4e6 / w.numel()))
     cases = {
-        "SN train": lambda: _C.sn_forward(w, u0, v0, 0, 1, 1e-12, 1.0, True, None),
-        "SN eval": lambda: _C.sn_forward(w, u0, v0, 0, 1, 1e-12, 1.0, False, None),
-        "BSN train": lambda: _C.bsn_forward(w, u0, v0, u1, v1, 1, 1e-12, 1.0, True, None),
-        "BSN eval": lambda: _C.bsn_forward(w, u0, v0, u1, v1, 1, 1e-12, 1.0, False, None),
+        "SN train": lambda: _ops.FAST_SN_FORWARD(w, u0, v0, 0, 1, 1e-12, 1.0, True, None),
+        "SN eval": lambda: _ops.FAST_SN_FORWARD(w, u0, v0, 0, 1, 1e-12, 1.0, False, None),
+        "BSN train": lambda: _ops.FAST_BSN_FORWARD(w, u0, v0, u1, v1, 1, 1e-12, 1.0, True, None),
+        "BSN eval": lambda: _ops.FAST_BSN_FORWARD(w, u0, v0, u1, v1, 1, 1e-12, 1.0, False, None),
         "W * c": lambda: w * 0.5,
     }
     best = dict.fromkeys(cases, math.inf)
@@ -62,11 +61,11 @@ def measure(shape, rounds=7):
 
 
 def main():
-    if not bsn_cuda.HAS_EXTENSION:
+    if not _ops.HAS_EXTENSION:
         raise SystemExit("bsn_cuda._C is not built")
     torch.set_num_threads(1)
     cols = ["SN train", "SN eval", "BSN train", "BSN eval", "W * c"]
-    print("µs per call, 1 thread, no autograd (tools/bsn_cost.py)")
+    print("µs per call, 1 thread, no autograd (python -m bsn_cuda.benchmark.bsn_cost)")
     print(f"{'shape':>16} " + " ".join(f"{c:>9}" for c in cols)
           + f" {'BSN/SN':>7} {'pass 1 extra':>12} {'pass 2':>7}")
     ratios = []

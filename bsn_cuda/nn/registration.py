@@ -1,4 +1,4 @@
-"""The public module API: register, remove, convert, apply, get_sigma."""
+"""Registration: adding SN/BSN to a layer or a whole model, and removing it."""
 
 import torch
 from torch import nn
@@ -6,19 +6,17 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as TorchSpectralNorm
 
 from .._checks import check_hyperparameters, check_module, check_name
-from .compat import add_legacy_checkpoint_hook, remove_legacy_checkpoint_hook
 from . import legacy
-from .legacy import CONV_TRANSPOSE, FusedLegacySpectralNorm, TorchLegacySpectralNorm, fuse_legacy_hook
-from .parametrizations import PARAMETRIZATIONS, BidirectionalSpectralNorm, SpectralNorm
+from .conversion import add_legacy_checkpoint_hook, remove_legacy_checkpoint_hook
+from .legacy import CONV_TRANSPOSE
+from .parametrizations import PARAMETRIZATIONS, BidirectionalSpectralNorm, SpectralNorm, find_parametrization
 from .pickling import make_picklable
 
 __all__ = [
     "spectral_norm",
     "bidirectional_spectral_norm",
     "remove_spectral_norm",
-    "convert_spectral_norm",
     "apply_spectral_norm",
-    "get_sigma",
     "SPECTRAL_NORM_LAYERS",
 ]
 
@@ -124,16 +122,6 @@ def bidirectional_spectral_norm(module, name="weight", n_power_iterations=1, eps
     return module
 
 
-def _find_ours(module, name, kinds=PARAMETRIZATIONS):
-    check_module(module)
-    check_name(name)
-    if parametrize.is_parametrized(module, name):
-        for p in module.parametrizations[name]:
-            if isinstance(p, kinds):
-                return p
-    raise ValueError(f"spectral_norm of '{name}' not found in {module}")
-
-
 def remove_spectral_norm(module, name="weight"):
     """Remove our SN or BSN from ``module.<name>``, leaving ``W_sn`` as a plain tensor.
 
@@ -147,7 +135,7 @@ def remove_spectral_norm(module, name="weight"):
     check_name(name)
     if not parametrize.is_parametrized(module, name) and legacy.legacy_hook(module, name) is not None:
         return legacy.remove_spectral_norm(module, name)
-    norm = _find_ours(module, name)
+    norm = find_parametrization(module, name)
     plist = module.parametrizations[name]
     if len(plist) != 1:
         raise ValueError(
@@ -162,85 +150,6 @@ def remove_spectral_norm(module, name="weight"):
         original.copy_(normalized)
     remove_legacy_checkpoint_hook(module, name)
     return module
-
-
-def _convert_parametrized(module):
-    if not parametrize.is_parametrized(module):
-        return
-    for name, plist in module.parametrizations.items():
-        for index, p in enumerate(plist):
-            if not isinstance(p, TorchSpectralNorm):
-                continue
-            if not plist.is_tensor:
-                raise ValueError(
-                    f"cannot convert the spectral norm of '{name}': its parametrization has several originals"
-                )
-            weight = plist.original.detach()
-            for earlier in list(plist)[:index]:  # a stacked SN sees the output of the ones before it
-                weight = earlier(weight).detach()
-            vectors = (p._u, p._v) if weight.ndim > 1 else None
-            ours = SpectralNorm(weight, getattr(p, "n_power_iterations", 1), p.dim, p.eps, vectors=vectors)
-            ours.train(p.training)
-            plist[index] = ours
-            add_legacy_checkpoint_hook(module, name)
-            make_picklable(module)
-
-
-def _legacy_to_parametrized(module):
-    for key, fn in list(module._forward_pre_hooks.items()):
-        if not isinstance(fn, TorchLegacySpectralNorm):
-            continue
-        name = fn.name
-        weight = module._parameters[name + "_orig"]
-        u = module._buffers[name + "_u"]
-        v = module._buffers[name + "_v"]
-        del module._forward_pre_hooks[key]
-        legacy.drop_state_dict_hooks(module, name)
-        delattr(module, name)  # the plain tensor the hook assigned
-        delattr(module, name + "_orig")
-        delattr(module, name + "_u")
-        delattr(module, name + "_v")
-        module.register_parameter(name, weight)
-        ours = SpectralNorm(weight.detach(), fn.n_power_iterations, fn.dim, fn.eps, vectors=(u, v))
-        # Registration evaluates the parametrization once, in the module's mode;
-        # in eval mode that does not iterate, so u/v stay exactly as copied.
-        was_training = module.training
-        module.training = False
-        ours.eval()
-        try:
-            parametrize.register_parametrization(module, name, ours)
-        finally:
-            module.training = was_training
-        ours.train(was_training)
-        add_legacy_checkpoint_hook(module, name)
-        make_picklable(module)
-
-
-def convert_spectral_norm(model, flavour="same"):
-    """Replace every torch spectral norm in ``model`` by the fused one, in place.
-
-    ``flavour="same"`` (default) keeps each layer's flavour, so checkpoint
-    keys never change: a ``torch.nn.utils.parametrizations.spectral_norm`` is
-    swapped for :class:`SpectralNorm` inside its parametrization list, and a
-    legacy ``torch.nn.utils.spectral_norm`` hook becomes the fused legacy hook
-    (same object, same ``<name>_orig``/``_u``/``_v``). ``flavour="parametrization"``
-    turns legacy layers into parametrized ones (keys become
-    ``parametrizations.<name>.original``/``.0._u``/``.0._v``; the legacy keys
-    still load). Parameter objects (optimizers stay valid) and vectors are
-    kept, so outputs equal torch's (to rounding in training mode).
-    """
-    check_module(model, "model")
-    if flavour not in ("same", "parametrization"):
-        raise ValueError(f"expected flavour 'same' or 'parametrization', got {flavour!r}")
-    for module in list(model.modules()):
-        _convert_parametrized(module)
-        if flavour == "parametrization":
-            _legacy_to_parametrized(module)
-        else:
-            for hook in module._forward_pre_hooks.values():
-                if type(hook) is TorchLegacySpectralNorm:
-                    fuse_legacy_hook(hook)
-    return model
 
 
 def _has_spectral_norm(module, name):
@@ -275,30 +184,3 @@ def apply_spectral_norm(model, kind="sn", n_power_iterations=1, eps=1e-12, scale
         else:
             bidirectional_spectral_norm(module, "weight", n_power_iterations, eps, scale, **variant)
     return model
-
-
-def get_sigma(module, name="weight", per_matricization=False):
-    """The sigma of the last forward of ``module.<name>``'s SN/BSN, for logging.
-
-    A detached 0-d copy (float32, or float64 for float64 weights; it follows
-    later dtype casts of the module). It is the raw estimate: 0 for an
-    all-zero weight (the output then is ``scale * W``), NaN for a non-finite
-    one, NaN before the first forward. For 1-D weights it is ``||W||``; for
-    complex weights the real part of ``u^H W v``. It lives in a non-persistent
-    buffer (``_sigma`` for SN, ``_sigmas`` for BSN) written in place by the
-    forward, so it is not in the ``state_dict`` and works under torch.compile
-    and CUDA graphs. With ``per_matricization=True`` (BSN only) returns
-    ``[sigma_0, sigma_1]``, the estimates for ``W_mat(0)`` and ``W_mat(1)``.
-    With stacked spectral norms, the first one's. Legacy (hook-based) layers
-    keep no sigma log: ValueError.
-    """
-    norm = _find_ours(module, name)
-    if isinstance(norm, BidirectionalSpectralNorm):
-        sigmas = norm._sigmas.detach()
-        return (sigmas[1:3] if per_matricization else sigmas[0]).clone()
-    if per_matricization:
-        raise ValueError("per_matricization=True needs bidirectional_spectral_norm; this module uses spectral_norm")
-    return norm._sigma.detach()[0].clone()
-
-
-__all__ += ["FusedLegacySpectralNorm"]

@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _checks
-from .nn.pickling import make_picklable as _make_picklable
+from .. import _checks
+from ..functional import WARM_UP_ITERATIONS
+from .pickling import make_picklable as _make_picklable
 
 __all__ = ["ConvOperator", "ConvSpectralNorm", "conv_spectral_norm", "conv_operator_norm", "get_conv_sigma"]
-
-_WARM_UP_ITERATIONS = 15  # as torch's spectral_norm at registration
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -152,7 +151,7 @@ class ConvSpectralNorm(nn.Module):
             self.register_buffer(
                 "_sigma", torch.full((), float("nan"), dtype=weight.dtype, device=weight.device), persistent=False
             )
-            self._power_iterate(weight.detach(), _WARM_UP_ITERATIONS)
+            self._power_iterate(weight.detach(), WARM_UP_ITERATIONS)
 
     # -- power iteration --------------------------------------------------------------------------
 

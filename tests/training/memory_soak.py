@@ -6,8 +6,8 @@ intervals; a leak shows as steady growth after warm-up. Each step is a GAN
 discriminator step (two training forwards, one backward, Adam) plus sigma
 logging, and every ``--eval-every`` steps an eval forward.
 
-    python scripts/memory_soak.py                      # 10,000 steps on the CPU
-    python scripts/memory_soak.py --device cuda --steps 50000
+    python tests/training/memory_soak.py                   # 10,000 steps on the CPU
+    python tests/training/memory_soak.py --device cuda --steps 50000
 
 Exit status 1 if RSS (or CUDA memory) grew by more than ``--tolerance-mib``
 between the first report after warm-up and the end.
@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # bsn_cuda, and the tests' discriminator
 import bsn_cuda  # noqa: E402
 from discriminator import build_discriminator  # noqa: E402

@@ -26,15 +26,9 @@ import sys
 import torch
 
 from . import reference
+from ._context import is_compiling
 
 __all__ = ["is_exporting", "check_eval", "eval_graph", "sn_eval_graph", "bsn_eval_graph", "vector_graph"]
-
-
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-if _is_compiling is None:  # pragma: no cover - torch < 2.3
-
-    def _is_compiling():
-        return torch._dynamo.is_compiling()
 
 
 def is_exporting():
@@ -54,7 +48,7 @@ def is_exporting():
     flags = modules.get("torch.onnx._internal.exporter._flags")  # dynamo=True (torch >= 2.6)
     if flags is not None and getattr(flags, "_is_onnx_exporting", False):
         return True
-    if _is_compiling():  # dynamo traces no TorchScript export (and refuses to trace its GLOBALS)
+    if is_compiling():  # dynamo traces no TorchScript export (and refuses to trace its GLOBALS)
         return False
     for name in ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals"):
         state = modules.get(name)  # the TorchScript exporter's GLOBALS (new, old location)

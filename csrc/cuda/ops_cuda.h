@@ -1,4 +1,4 @@
-// Host helpers of the CUDA ops (sn_cuda.cpp), shared with the grouped ops'
+// Host helpers of the CUDA ops (ops_cuda.cpp), shared with the grouped ops'
 // CUDA kernel (group_cuda.cpp).
 #pragma once
 
