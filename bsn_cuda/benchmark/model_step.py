@@ -91,6 +91,7 @@ MODEL_SUITES = {
 IMPLS = ["no_sn", "identity", "torch_sn", "torch_legacy", "fused_sn", "fused_legacy", "grouped_forward",
          "grouped_once", "grouped_never"]
 COMPILED_IMPLS = ["torch_sn_compiled"]
+IMPL_TITLES = {"torch_sn_compiled": "torch's SN under torch.compile"}
 
 
 class _Layers(nn.Module):
@@ -252,7 +253,16 @@ def run_model_steps(suites, forwards_list, budget=None, write=print, compiled=Fa
                 # Fresh vectors for every k, except under torch.compile (a new module would recompile).
                 model = base[impl] if impl in COMPILED_IMPLS else copy.deepcopy(base[impl])
                 call, reset = _step(model, forwards, impl, compiled_runs)
-                warm_up_cpu(call, reset, budget)
+                try:
+                    warm_up_cpu(call, reset, budget)
+                except RuntimeError as exc:
+                    if impl not in COMPILED_IMPLS:
+                        raise
+                    # torch's own SN under torch.compile: recorded, not timed (the run goes on).
+                    reset()
+                    records.append({"suite": suite, "forwards": forwards, "impl": impl, "median_s": float("nan"),
+                                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0].split('. Hint')[0]}"})
+                    continue
                 cases[impl] = (call, reset)
                 keep.append(model)
             for impl, st in time_cpu_interleaved(cases, budget).items():
@@ -362,6 +372,10 @@ def breakdown_table(stats_by_part, suite):
     return "\n".join(lines)
 
 
+def _errors(records):
+    return {(r["suite"], r["forwards"], r["impl"]): r["error"] for r in records if r.get("error")}
+
+
 def _suite_rows(records):
     """(suite, forwards, layers, µs per step by impl, SN cost by impl) for each suite and forward count."""
     idx = {(r["suite"], r["forwards"], r["impl"]): r["median_s"] for r in records}
@@ -394,9 +408,11 @@ def model_step_grouped_table(records):
              "| SN cost: torch / grouped | grouped cost / floor | once / forward (SN cost) "
              "| grouped - identity per layer |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    errors = _errors(records)
     for suite, k, n_layers, us, cost in _suite_rows(records):
+        compiled = "error" if (suite, k, "torch_sn_compiled") in errors else f"{us['torch_sn_compiled']:.0f}"
         lines.append(
-            f"| {suite} | {k} | {us['torch_sn_compiled']:.0f} | {us['grouped_forward']:.0f} | "
+            f"| {suite} | {k} | {compiled} | {us['grouped_forward']:.0f} | "
             f"{us['grouped_once']:.0f} | {us['grouped_never']:.0f} | "
             f"{cost['torch_sn'] / cost['grouped_forward']:.2f}x | "
             f"{cost['grouped_forward'] / us['kernel_floor']:.2f} | "
@@ -528,6 +544,8 @@ def render(result):
             "`python -m bsn_cuda.benchmark.model_step --from-json benchmarks/results/model_step_cpu.json "
             "--markdown benchmarks/results/model_step_cpu.md`.\n\n"
             f"{model_step_table(records)}\n\n{model_step_grouped_table(records)}\n\n"
+            + "".join(f"{IMPL_TITLES.get(impl, impl)} raised in {suite}, {k} forward(s): `{err}`\n\n"
+                      for (suite, k, impl), err in _errors(records).items()) +
             "Goals (met only with a margin larger than the quartile band's spread):\n\n"
             f"{model_goals_table(records)}\n")
     if result.get("breakdown"):
