@@ -9,7 +9,8 @@ Sources: ``benchmarks/results/cpu.json`` (the ``speed-*`` blocks, see
 :mod:`.build_time`) and ``benchmarks/results/model_step_cpu.json``, which
 ``python -m bsn_cuda.benchmark.model_step --json`` writes: its page
 (``model-step``, what ``--markdown`` writes, less its title) and its headline
-(``model-step-headline``). The BSN evidence's
+(``model-step-headline``); ``model_step_cpu_keep_memory.json``, the same with
+glibc keeping freed memory (``model-step-keep-memory``). The BSN evidence's
 regions (``bsn-*``) belong to ``python examples/evidence.py``.
 """
 
@@ -24,7 +25,8 @@ from . import build_time, markers, model_step
 from .cli import conclude
 from .readme import speed_blocks
 
-__all__ = ["PAGES", "CPU_JSON", "BUILD_JSON", "MODEL_STEP_JSON", "MODEL_STEP_MD", "included", "without_title",
+__all__ = ["PAGES", "CPU_JSON", "BUILD_JSON", "MODEL_STEP_JSON", "MODEL_STEP_MD", "MODEL_STEP_KEEP_JSON", "included",
+           "without_title",
            "page_blocks", "regenerate"]
 
 PAGES = ("README.md", os.path.join("docs", "performance.md"))
@@ -32,6 +34,9 @@ CPU_JSON = os.path.join("benchmarks", "results", "cpu.json")
 BUILD_JSON = os.path.join("benchmarks", "results", "build.json")
 MODEL_STEP_JSON = os.path.join("benchmarks", "results", "model_step_cpu.json")
 MODEL_STEP_MD = os.path.join("benchmarks", "results", "model_step_cpu.md")
+# The same step with glibc told to keep freed memory (GLIBC_TUNABLES): how much of the SN cost above the
+# kernel floor is the allocator returning large blocks to the OS and faulting them back in.
+MODEL_STEP_KEEP_JSON = os.path.join("benchmarks", "results", "model_step_cpu_keep_memory.json")
 
 
 def without_title(text):
@@ -61,6 +66,8 @@ def page_blocks(root, page):
         steps = json.load(f)
     blocks["model-step"] = without_title(model_step.render(steps))
     blocks["model-step-headline"] = model_step.headline(steps)
+    with open(os.path.join(root, MODEL_STEP_KEEP_JSON)) as f:
+        blocks["model-step-keep-memory"] = without_title(model_step.render(json.load(f)))
     return blocks
 
 

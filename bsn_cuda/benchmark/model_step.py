@@ -88,6 +88,7 @@ MODEL_SUITES = {
     "tiny_linear16": [("linear16", "linear", (16, 16), 36)],
     "linear148": [("linear148x96", "linear", (96, 148), 36)],
 }
+TINY_SUITES = ("tiny_linear16", "linear148")
 IMPLS = ["no_sn", "identity", "torch_sn", "torch_legacy", "fused_sn", "fused_legacy", "grouped_forward",
          "grouped_once", "grouped_never"]
 COMPILED_IMPLS = ["torch_sn_compiled"]
@@ -535,14 +536,16 @@ def render(result):
     argv = ["python -m bsn_cuda.benchmark.model_step"] + env["argv"][1:]
     allocator = env.get("allocator_env") or {}
     allocator = ", ".join(f"{k}={v}" for k, v in allocator.items()) or "default settings"
+    given = dict(zip(env["argv"], env["argv"][1:]))
+    json_path = given.get("--json", "benchmarks/results/model_step_cpu.json")
+    md_path = given.get("--markdown", "benchmarks/results/model_step_cpu.md")
     text = (f"# SN cost per discriminator step (`python -m bsn_cuda.benchmark.model_step`)\n\n"
             f"Run: `{' '.join(argv)}` at commit {(env.get('git_commit') or 'unknown')[:7]}, "
             f"{env['date'][:10]}; {env['cpu_model']}, {env['cpu_count']} cores, {result.get('threads', 1)} torch "
             f"thread(s); torch {env['torch']}; allocator: {allocator}; 1-minute load average at the start "
             f"{load[0] if load else 'unknown'}. µs per step, medians of interleaved runs "
             "(see the module's docstring for what a step is). Regenerate this page from the JSON with "
-            "`python -m bsn_cuda.benchmark.model_step --from-json benchmarks/results/model_step_cpu.json "
-            "--markdown benchmarks/results/model_step_cpu.md`.\n\n"
+            f"`python -m bsn_cuda.benchmark.model_step --from-json {json_path} --markdown {md_path}`.\n\n"
             f"{model_step_table(records)}\n\n{model_step_grouped_table(records)}\n\n"
             + "".join(f"{IMPL_TITLES.get(impl, impl)} raised in {suite}, {k} forward(s): `{err}`\n\n"
                       for (suite, k, impl), err in _errors(records).items()) +
@@ -570,15 +573,19 @@ def main(argv=None):
         with open(args.from_json) as f:
             result = json.load(f)
     else:
-        suites = list(MODEL_SUITES) if args.suite == "all" else args.suite.split(",")
+        # "all": the tiny stacks first, for the same reason as the breakdown.
+        suites = sorted(MODEL_SUITES, key=lambda n: n not in TINY_SUITES) if args.suite == "all" else \
+            args.suite.split(",")
         for s in suites:
             if s not in MODEL_SUITES:
                 p.error(f"--suite: expected names from {', '.join(MODEL_SUITES)}, got {s!r}")
         if args.breakdown and args.breakdown not in MODEL_SUITES:
             p.error(f"--breakdown: expected one of {', '.join(MODEL_SUITES)}, got {args.breakdown!r}")
         torch.set_num_threads(args.threads)
-        records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
+        # The breakdown first, in a fresh process: after the large suites the heap is fragmented and
+        # a tiny step's host time per layer measured about half again what a fresh process measures.
         breakdown = grouped_breakdown(args.breakdown) if args.breakdown else None
+        records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
         result = {"env": environment([torch.device("cpu")]), "threads": args.threads, "records": records,
                   "breakdown_suite": args.breakdown or None, "breakdown": breakdown}
         if args.json:

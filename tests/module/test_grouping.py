@@ -28,12 +28,18 @@ def _scaled(inputs, k):
     return (first,) + tuple(inputs[1:])
 
 
-def train(name, grouped, mode="forward", forwards=2, steps=3, two_backward=False, seed=0):
-    model, inputs = build(name, seed)
+def in_mode(model, mode, grouped):
+    """``model`` grouped with update ``mode``, or with ``mode`` set per layer (the per-layer oracle)."""
     if grouped:
         bsn_cuda.group_spectral_norm(model, update=mode)
     else:
         bsn_cuda.set_update_mode(model, mode)
+    return model
+
+
+def train(name, grouped, mode="forward", forwards=2, steps=3, two_backward=False, seed=0):
+    model, inputs = build(name, seed)
+    in_mode(model, mode, grouped)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     record = []
     for _ in range(steps):
@@ -196,7 +202,7 @@ def test_gradient_penalty_double_backward_bitwise(mode):
     runs = []
     for grouped in (False, True):
         model, (x, y) = build("conditional_d")
-        (bsn_cuda.group_spectral_norm(model, update=mode) if grouped else bsn_cuda.set_update_mode(model, mode))
+        in_mode(model, mode, grouped)
         runs.append([_gp_step(model, x, y) for _ in range(2)])
     for (la, ga), (lb, gb) in zip(*runs):
         assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(ga, gb))
@@ -247,8 +253,7 @@ def _vectors(model):
 def test_once_updates_once_per_step_and_shares_w_sn(grouped):
     model, (x,) = build("sngan_cnn")
     ref = copy.deepcopy(model)
-    (bsn_cuda.group_spectral_norm if grouped else bsn_cuda.set_update_mode)(model, "once") if grouped else \
-        bsn_cuda.set_update_mode(model, "once")
+    in_mode(model, "once", grouped)
     seen = []
     layer = model.convs[3].parametrizations.weight[0]
     hook = layer.register_forward_hook(lambda m, a, out: seen.append(out))
@@ -269,10 +274,7 @@ def test_once_updates_once_per_step_and_shares_w_sn(grouped):
 @pytest.mark.parametrize("grouped", [False, True])
 def test_once_never_returns_a_stale_weight(grouped):
     model, (x,) = build("sngan_resnet")
-    if grouped:
-        bsn_cuda.group_spectral_norm(model, update="once")
-    else:
-        bsn_cuda.set_update_mode(model, "once")
+    in_mode(model, "once", grouped)
     layer = model.fc
     w = layer.parametrizations.weight.original
 
@@ -323,10 +325,7 @@ def test_once_under_no_grad_keeps_nothing():
 def test_never_freezes_and_power_iteration_step_is_a_forward_update(grouped):
     model, (x,) = build("mixed")
     ref = copy.deepcopy(model)
-    if grouped:
-        bsn_cuda.group_spectral_norm(model, update="never")
-    else:
-        bsn_cuda.set_update_mode(model, "never")
+    in_mode(model, "never", grouped)
     before = _vectors(model)
     model(x).backward()
     model(x)
@@ -548,10 +547,7 @@ def test_once_sees_a_replaced_parameter(grouped):
     # A new Parameter object between two forwards of a step: the shared W_sn is not reused (the weight is
     # compared by identity; comparing tensors with == raised "Boolean value of Tensor ... ambiguous").
     model, (x,) = build("sngan_resnet")
-    if grouped:
-        bsn_cuda.group_spectral_norm(model, update="once")
-    else:
-        bsn_cuda.set_update_mode(model, "once")
+    in_mode(model, "once", grouped)
     plist = model.fc.parametrizations.weight
     model(x)
     plist.original = nn.Parameter(plist.original.detach() * 3)
