@@ -22,10 +22,10 @@ Rows, timed interleaved on the same model:
 * ``identity``: a parametrization that returns its input (the floor any
   parametrization pays);
 * ``no_sn``: plain weights;
-* ``kernel floor`` (computed, not a row of steps): the sum over layers of the
-  fused ops alone on preallocated tensors (``k`` forwards through the C++
-  entry point under ``no_grad``, one ``sn_backward``), no module or autograd
-  machinery.
+* ``kernel floor`` (computed, not a row of steps): the fused ops alone on
+  preallocated tensors over the model's layers (``k`` forwards through the C++
+  entry point under ``no_grad`` and ``k`` ``sn_backward`` calls, as
+  update="forward" runs them), no module or autograd machinery.
 
 ``python -m bsn_cuda.benchmark.model_step [--suite ...] [--forwards 1,2,3]``;
 float32, CPU, 1 thread by default.
@@ -192,33 +192,36 @@ def kernel_floor(suite, forwards, budget):
 
     Every layer has its own preallocated weight, vectors and gradient; a step is
     ``forwards`` passes of SN forwards over all layers (the C++ entry point under
-    no_grad: no autograd node), then one ``bsn_cuda::sn_backward`` per
-    layer in reverse order, as a training step orders them. No module,
-    parametrization or autograd machinery. Timing the layers as one sequence
-    makes the floor pay the same cache misses as a step (a model's weights,
-    outputs and gradients together outgrow the L2); ``kernel_floor_hot`` times
-    each layer alone, its tensors hot in cache, and sums.
+    no_grad: no autograd node), then ``forwards`` ``bsn_cuda::sn_backward`` calls
+    per layer in reverse order, as a training step with update="forward" runs
+    them (each forward's W_sn has its own graph, so each gets its own backward).
+    No module, parametrization or autograd machinery. Timing the layers as one
+    sequence makes the floor pay the same cache misses as a step (a model's
+    weights, outputs and gradients together outgrow the L2);
+    :func:`kernel_floor_hot` times each layer alone, its tensors hot in cache.
     """
     from .. import _ops
 
     layers = _floor_layers(suite)
-    states = [None] * len(layers)
+    states = [[None] * forwards for _ in layers]
 
     def sequence():
         with torch.no_grad():
-            for _ in range(forwards):
+            for k in range(forwards):
                 for i, (w, u, v, _) in enumerate(layers):
-                    states[i] = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1]
+                    states[i][k] = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1]
         for i in reversed(range(len(layers))):
             w, _, _, g = layers[i]
-            _ops.sn_backward(g, w, states[i], 0, 1.0)
+            for k in reversed(range(forwards)):
+                _ops.sn_backward(g, w, states[i][k], 0, 1.0)
 
     warm_up_cpu(sequence, lambda: None, budget)
     return time_cpu_interleaved({"floor": (sequence, lambda: None)}, budget)["floor"]
 
 
 def kernel_floor_hot(suite, forwards, budget):
-    """Seconds per step: each distinct layer shape's ops timed alone (hot in cache), times its count, summed."""
+    """Seconds per step: each distinct layer shape's ops (as in :func:`kernel_floor`) timed alone, hot in
+    cache, times its count, summed."""
     from .. import _ops
 
     total = 0.0
@@ -230,9 +233,9 @@ def kernel_floor_hot(suite, forwards, budget):
 
         def call():
             with torch.no_grad():
-                for _ in range(forwards):
-                    state = _ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1]
-            _ops.sn_backward(g, w, state, 0, 1.0)
+                states = [_ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1] for _ in range(forwards)]
+            for state in reversed(states):
+                _ops.sn_backward(g, w, state, 0, 1.0)
 
         warm_up_cpu(call, lambda: None, budget)
         total += time_cpu_interleaved({"floor": (call, lambda: None)}, budget)["floor"]["median_s"] * count
@@ -582,8 +585,8 @@ def main(argv=None):
         if args.breakdown and args.breakdown not in MODEL_SUITES:
             p.error(f"--breakdown: expected one of {', '.join(MODEL_SUITES)}, got {args.breakdown!r}")
         torch.set_num_threads(args.threads)
-        # The breakdown first, in a fresh process: after the large suites the heap is fragmented and
-        # a tiny step's host time per layer measured about half again what a fresh process measures.
+        # The breakdown first, in a fresh process: run after the large suites, a tiny step's host time
+        # per layer measured about half again what a fresh process measures.
         breakdown = grouped_breakdown(args.breakdown) if args.breakdown else None
         records = run_model_steps(suites, [int(k) for k in args.forwards.split(",")], compiled=args.compiled)
         result = {"env": environment([torch.device("cpu")]), "threads": args.threads, "records": records,

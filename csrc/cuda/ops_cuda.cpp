@@ -66,30 +66,37 @@ at::Tensor workspace(const at::Tensor& like, int64_t elems) {
   return at::empty({elems > 0 ? elems : 1},
                    like.options().dtype(acc_dtype(like.scalar_type())));
 }
+
+// What every launch reads first: the mode, the device, the weight's dtype, the current stream.
+struct LaunchContext {
+  Mode mode;
+  DeviceInfo dev;
+  at::ScalarType dtype;
+  cudaStream_t stream;
+};
+
+LaunchContext launch_context(const at::Tensor& weight) {
+  const Mode mode = mode_from_env();
+  return {mode, device_info(mode), weight.scalar_type(), at::cuda::getCurrentCUDAStream()};
+}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> run_forward(const PreparedForward& prep) {
-  const Mode mode = mode_from_env();
-  const DeviceInfo dev = device_info(mode);
-  const at::ScalarType dtype = prep.weight.scalar_type();
-  const ForwardPlan plan = make_forward_plan(prep.params, acc_size(dtype), dev, mode);
+  const LaunchContext c = launch_context(prep.weight);
+  const ForwardPlan plan = make_forward_plan(prep.params, acc_size(c.dtype), c.dev, c.mode);
   at::Tensor ws = workspace(prep.weight, plan.ws_elems);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bsn_cuda_forward", [&] {
-    launch_forward<scalar_t>(prep.params, plan, ws.data_ptr(), dev, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "bsn_cuda_forward", [&] {
+    launch_forward<scalar_t>(prep.params, plan, ws.data_ptr(), c.dev, c.stream);
   });
   return std::make_tuple(prep.out, prep.state);
 }
 
 at::Tensor run_backward(const PreparedBackward& prep) {
-  const Mode mode = mode_from_env();
-  const DeviceInfo dev = device_info(mode);
-  const at::ScalarType dtype = prep.weight.scalar_type();
-  const BackwardPlan plan = make_backward_plan(prep.params, acc_size(dtype), dev, mode);
+  const LaunchContext c = launch_context(prep.weight);
+  const BackwardPlan plan = make_backward_plan(prep.params, acc_size(c.dtype), c.dev, c.mode);
   at::Tensor ws = workspace(prep.weight, plan.ws_elems);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bsn_cuda_backward", [&] {
-    launch_backward<scalar_t>(prep.params, plan, ws.data_ptr(), dev, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "bsn_cuda_backward", [&] {
+    launch_backward<scalar_t>(prep.params, plan, ws.data_ptr(), c.dev, c.stream);
   });
   return prep.grad_weight;
 }
@@ -103,6 +110,14 @@ void check_cuda(const char* op, const at::Tensor& weight) {
 
 namespace {
 
+// An op's CUDA kernel: the weight on a CUDA device, that device current, then `run`.
+template <typename Run>
+auto on_weights_device(const char* op, const at::Tensor& weight, const Run& run) {
+  check_cuda(op, weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  return run();
+}
+
 // Signatures: mutable (Tensor(a!)) arguments as at::Tensor&, exactly as the CPU
 // backend registers them (the dispatcher requires one C++ signature per op).
 std::tuple<at::Tensor, at::Tensor> sn_forward_cuda(const at::Tensor& weight, at::Tensor& u,
@@ -110,21 +125,18 @@ std::tuple<at::Tensor, at::Tensor> sn_forward_cuda(const at::Tensor& weight, at:
                                                    int64_t n_power_iterations, double eps,
                                                    double scale, bool update, double coeff,
                                                    const OptTensor& gamma, bool track_only) {
-  check_cuda("bsn_cuda::sn_forward", weight);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedForward prep = prepare_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale,
-                                                  update, coeff, gamma, track_only);
-  return run_forward(prep);
+  return on_weights_device("bsn_cuda::sn_forward", weight, [&] {
+    return run_forward(prepare_sn_forward(weight, u, v, dim, n_power_iterations, eps, scale, update,
+                                          coeff, gamma, track_only));
+  });
 }
 
 at::Tensor sn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
                             const at::Tensor& state, int64_t dim, double scale, double coeff,
                             const OptTensor& gamma) {
-  check_cuda("bsn_cuda::sn_backward", weight);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedBackward prep =
-      prepare_sn_backward(grad_out, weight, state, dim, scale, coeff, gamma);
-  return run_backward(prep);
+  return on_weights_device("bsn_cuda::sn_backward", weight, [&] {
+    return run_backward(prepare_sn_backward(grad_out, weight, state, dim, scale, coeff, gamma));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> bsn_forward_cuda(const at::Tensor& weight, at::Tensor& u0,
@@ -132,21 +144,18 @@ std::tuple<at::Tensor, at::Tensor> bsn_forward_cuda(const at::Tensor& weight, at
                                                     int64_t n_power_iterations, double eps,
                                                     double scale, bool update, double coeff,
                                                     const OptTensor& gamma, bool track_only) {
-  check_cuda("bsn_cuda::bsn_forward", weight);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedForward prep = prepare_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps,
-                                                   scale, update, coeff, gamma, track_only);
-  return run_forward(prep);
+  return on_weights_device("bsn_cuda::bsn_forward", weight, [&] {
+    return run_forward(prepare_bsn_forward(weight, u0, v0, u1, v1, n_power_iterations, eps, scale,
+                                           update, coeff, gamma, track_only));
+  });
 }
 
 at::Tensor bsn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
                              const at::Tensor& state, double scale, double coeff,
                              const OptTensor& gamma) {
-  check_cuda("bsn_cuda::bsn_backward", weight);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedBackward prep =
-      prepare_bsn_backward(grad_out, weight, state, scale, coeff, gamma);
-  return run_backward(prep);
+  return on_weights_device("bsn_cuda::bsn_backward", weight, [&] {
+    return run_backward(prepare_bsn_backward(grad_out, weight, state, scale, coeff, gamma));
+  });
 }
 
 }  // namespace
