@@ -160,7 +160,8 @@ class _Once:
     __slots__ = ("updated", "out", "weight", "key", "valid")
 
     def __init__(self):
-        self.updated = None  # (weight, version, data_ptr, optimizer steps of the weight) at the last update
+        # At the last update: (weight, version, data_ptr, steps of optimizers holding it, all optimizer steps).
+        self.updated = None
         self.out = None
         self.weight = None  # the weight object `out` was computed from (compared by identity)
         self.key = None
@@ -332,10 +333,10 @@ class SpectralNormGroup:
 
     def __init__(self, model, layers):
         self.layers = layers  # [(owner, module, weight key)]
+        self._static = [_flavour(owner) for owner, _, _ in layers]
         # FSDP2 units at or below the model, found at each forward (fully_shard may come after grouping):
         # a unit reshards its weights and reduces their gradients when its own backward is done, before
         # the group's node (created earlier, so run later) has computed them; its layers run per layer.
-        self._static = [_flavour(owner) for owner, _, _ in layers]
         chains = _ancestry(model)
         self._chains = [chains[id(module)] for _, module, _ in layers]
         self._ancestors = list({id(m): m for chain in self._chains for m in chain}.values())
