@@ -146,7 +146,9 @@ def _step(model, forwards, impl="", compiled_runs=None):
     run = model
     if impl == "torch_sn_compiled":
         compiled_runs = {} if compiled_runs is None else compiled_runs
-        run = compiled_runs.setdefault(id(model), torch.compile(model))
+        if id(model) not in compiled_runs:
+            compiled_runs[id(model)] = torch.compile(model)
+        run = compiled_runs[id(model)]
 
     def call():
         loss = run()
@@ -175,37 +177,23 @@ def _step(model, forwards, impl="", compiled_runs=None):
     return call, reset
 
 
-def _floor_layers(suite):
-    """Preallocated (weight, u, v, grad_out) for every SN layer of the suite, as many as the model has."""
-    tensors = []
-    for i, (_, kind, shape, count) in enumerate(MODEL_SUITES[suite]):
-        for j in range(count):
-            w = make_layer(kind, shape, seed=100 * i + j).weight.detach()
-            u = F.normalize(torch.randn(w.shape[0]), dim=0)
-            v = F.normalize(torch.randn(w[0].numel()), dim=0)
-            tensors.append((w, u, v, torch.ones_like(w)))
-    return tensors
+def _floor_tensors(kind, shape, seed=0):
+    """Preallocated (weight, u, v, grad_out) of one SN layer, for the ops alone."""
+    w = make_layer(kind, shape, seed=seed).weight.detach()
+    u = F.normalize(torch.randn(w.shape[0]), dim=0)
+    v = F.normalize(torch.randn(w[0].numel()), dim=0)
+    return w, u, v, torch.ones_like(w)
 
 
-def kernel_floor(suite, forwards, budget):
-    """Seconds per step of the fused ops alone, as one sequence over the model's layers.
-
-    Every layer has its own preallocated weight, vectors and gradient; a step is
-    ``forwards`` passes of SN forwards over all layers (the C++ entry point under
-    no_grad: no autograd node), then ``forwards`` ``bsn_cuda::sn_backward`` calls
-    per layer in reverse order, as a training step with update="forward" runs
-    them (each forward's W_sn has its own graph, so each gets its own backward).
-    No module, parametrization or autograd machinery. Timing the layers as one
-    sequence makes the floor pay the same cache misses as a step (a model's
-    weights, outputs and gradients together outgrow the L2);
-    :func:`kernel_floor_hot` times each layer alone, its tensors hot in cache.
-    """
+def _ops_step(layers, forwards):
+    """A step of the fused ops alone over ``layers`` (``_floor_tensors``): ``forwards`` passes of SN
+    forwards over all of them (the C++ entry point under no_grad: no autograd node), then
+    ``forwards`` ``bsn_cuda::sn_backward`` calls per layer in reverse order."""
     from .. import _ops
 
-    layers = _floor_layers(suite)
     states = [[None] * forwards for _ in layers]
 
-    def sequence():
+    def step():
         with torch.no_grad():
             for k in range(forwards):
                 for i, (w, u, v, _) in enumerate(layers):
@@ -215,31 +203,37 @@ def kernel_floor(suite, forwards, budget):
             for k in reversed(range(forwards)):
                 _ops.sn_backward(g, w, states[i][k], 0, 1.0)
 
-    warm_up_cpu(sequence, lambda: None, budget)
-    return time_cpu_interleaved({"floor": (sequence, lambda: None)}, budget)["floor"]
+    return step
+
+
+def _time_ops_step(layers, forwards, budget):
+    step = _ops_step(layers, forwards)
+    warm_up_cpu(step, lambda: None, budget)
+    return time_cpu_interleaved({"floor": (step, lambda: None)}, budget)["floor"]
+
+
+def kernel_floor(suite, forwards, budget):
+    """Seconds per step (stats) of the fused ops alone, as one sequence over the model's layers.
+
+    Every layer has its own preallocated weight, vectors and gradient; a step
+    runs ``forwards`` SN forwards and as many backwards per layer, as a training
+    step with update="forward" runs them (each forward's W_sn has its own graph,
+    so each gets its own backward), with no module, parametrization or autograd
+    machinery (:func:`_ops_step`). Timing the layers as one sequence makes the
+    floor pay the same cache misses as a step (a model's weights, outputs and
+    gradients together outgrow the L2); :func:`kernel_floor_hot` times each
+    layer alone, its tensors hot in cache.
+    """
+    layers = [_floor_tensors(kind, shape, seed=100 * i + j)
+              for i, (_, kind, shape, count) in enumerate(MODEL_SUITES[suite]) for j in range(count)]
+    return _time_ops_step(layers, forwards, budget)
 
 
 def kernel_floor_hot(suite, forwards, budget):
     """Seconds per step: each distinct layer shape's ops (as in :func:`kernel_floor`) timed alone, hot in
     cache, times its count, summed."""
-    from .. import _ops
-
-    total = 0.0
-    for _, kind, shape, count in MODEL_SUITES[suite]:
-        w = make_layer(kind, shape).weight.detach()
-        u = F.normalize(torch.randn(w.shape[0]), dim=0)
-        v = F.normalize(torch.randn(w[0].numel()), dim=0)
-        g = torch.ones_like(w)
-
-        def call():
-            with torch.no_grad():
-                states = [_ops.sn_forward(w, u, v, 0, 1, 1e-12, 1.0, True)[1] for _ in range(forwards)]
-            for state in reversed(states):
-                _ops.sn_backward(g, w, state, 0, 1.0)
-
-        warm_up_cpu(call, lambda: None, budget)
-        total += time_cpu_interleaved({"floor": (call, lambda: None)}, budget)["floor"]["median_s"] * count
-    return total
+    return sum(_time_ops_step([_floor_tensors(kind, shape)], forwards, budget)["median_s"] * count
+               for _, kind, shape, count in MODEL_SUITES[suite])
 
 
 def run_model_steps(suites, forwards_list, budget=None, write=print, compiled=False):
@@ -299,10 +293,6 @@ def _captured_group_call(model):
     return captured[0]
 
 
-BREAKDOWN_PARTS = ["identity_forward", "identity_step", "grouped_forward", "grouped_step", "group_compute",
-                   "group_op_forward", "group_op_backward"]
-
-
 def grouped_breakdown(suite, budget=None):
     """Where a grouped training step's host time goes, above an identity parametrization (1 forward).
 
@@ -321,7 +311,7 @@ def grouped_breakdown(suite, budget=None):
     group = grouped.__dict__["_bsn_spectral_norm_group"]
     args = _captured_group_call(grouped)
     weights, _, kinds, dims, _, _, scales, _, _ = args
-    _, states = _ops.group_forward(*[list(a) if isinstance(a, list) else a for a in args])
+    _, states = _ops.group_forward(*args)
     detached = [w.detach() for w in weights]
     grads = [torch.ones_like(w) for w in detached]
     params = {m: list(m.parameters()) for m in (identity, grouped)}

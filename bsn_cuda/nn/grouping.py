@@ -433,7 +433,7 @@ class SpectralNormGroup:
                     kinds.append(_KIND_SN), dims.append(0), vecs.extend((b["_u0"], b["_v0"]))
                 else:
                     kinds.append(flavour), dims.append(owner.dim if flavour == _KIND_SN else 0)
-                    vecs.extend([b[name] for name in names])
+                    vecs.extend(map(b.__getitem__, names))
                 scales.append(owner.scale)
                 # Not in a checkpoint recomputation (the per-layer path logs nothing there either).
                 logs.append(b[owner._LOG] if writable else None)
